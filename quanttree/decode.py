@@ -1,0 +1,183 @@
+"""The one generation loop: a generator of per-round Step records.
+
+Every round is draft -> build tree -> compile -> target forward -> select -> walk -> compact.
+Plain autoregressive decoding is the tree with only a root; DFlash is a chain; DDTree a tree.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from . import kvcache
+from .drafter import DFlashDrafter
+from .errors import QuanttreeError
+from .kvcache import ContextKV
+from .sampling import SamplingParams, make_generator, select_tokens
+from .target import Target
+from .tree import Tree, build_chain, build_tree, compile_tree, root_only, walk
+
+DRAFT_METHODS = ("dflash", "ddtree")
+METHODS = ("ar",) + DRAFT_METHODS
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    method: str = "ar"
+    max_new_tokens: int = 128
+    sampling: SamplingParams = SamplingParams()
+    budget: int = 32  # ddtree node budget (drafted nodes, root excluded)
+    eos_token_ids: frozenset[int] = frozenset()
+
+
+@dataclass
+class PhaseTimes:
+    draft: float = 0.0
+    build: float = 0.0
+    verify: float = 0.0
+    walk: float = 0.0  # select + walk + KV compaction
+
+    def add(self, other: "PhaseTimes") -> None:
+        self.draft += other.draft
+        self.build += other.build
+        self.verify += other.verify
+        self.walk += other.walk
+
+
+@dataclass
+class Step:
+    tokens: list[int]  # tokens committed this round
+    prefill: bool = False
+    tree_size: int = 0  # drafted nodes verified (root excluded)
+    accept_len: int = 0  # drafted tokens accepted
+    times: PhaseTimes = field(default_factory=PhaseTimes)
+    seconds: float = 0.0  # wall time of the round
+    finished: str | None = None  # "eos" or "length" on the last step
+    tree: Tree | None = None
+    path: torch.Tensor | None = None
+
+
+class Clock:
+    """perf_counter that waits for the GPU first, so phases are timed honestly."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+class DraftContext:
+    """The drafter plus its context cache and the committed features it has not seen yet."""
+
+    def __init__(self, drafter: DFlashDrafter, target: Target):
+        self.drafter, self.target = drafter, target
+        self.cache = ContextKV(drafter.config.num_hidden_layers)
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        mask = drafter.mask_embedding
+        if mask is None:
+            mask = target.embed(torch.tensor([drafter.config.mask_token_id], device=target.device))[0]
+        self.mask_embed = mask.detach().to(device=target.device, dtype=drafter.dtype)
+
+    def commit(self, features: torch.Tensor, positions: torch.Tensor) -> None:
+        """Queue committed tokens' target features [c, k*H] at positions [c]."""
+        self.pending = (features, positions)
+
+    @torch.inference_mode()
+    def log_probs(self, root: int, start: int) -> torch.Tensor:
+        """Per-depth draft marginals for depths 1..B-1 after root at position start. -> [B-1, V]"""
+        if self.pending is not None:
+            features, positions = self.pending
+            self.drafter.extend_context(self.cache, features[None], positions)
+            self.pending = None
+        block = self.drafter.config.block_size
+        root_embed = self.target.embed(torch.tensor([root], device=self.target.device)).to(self.drafter.dtype)
+        embeds = torch.cat([root_embed, self.mask_embed.expand(block - 1, -1)])[None]  # [1, B, H]
+        positions = torch.arange(start, start + block, device=self.target.device)
+        hidden = self.drafter.forward_block(embeds, positions, self.cache)
+        logits = self.target.lm_head(hidden[0, 1:])
+        return torch.log_softmax(logits.float(), dim=-1)
+
+
+def propose(method: str, draft: DraftContext | None, root: int, start: int, cfg: DecodeConfig,
+            clock: Clock, times: PhaseTimes) -> Tree:
+    """Draft and shape the tree to verify this round."""
+    if method == "ar" or draft is None:
+        return root_only(root)
+    t0 = clock()
+    log_probs = draft.log_probs(root, start)
+    t1 = clock()
+    if method == "dflash":
+        tree = build_chain(log_probs, root)
+    else:
+        tree = build_tree(log_probs, root, cfg.budget)
+    times.draft += t1 - t0
+    times.build += clock() - t1
+    return tree
+
+
+def finish(tokens: list[int], produced: int, cfg: DecodeConfig) -> tuple[list[int], str | None]:
+    """Cut a round's tokens at the first EOS and at max_new_tokens."""
+    tokens = tokens[: cfg.max_new_tokens - produced]
+    for i, tok in enumerate(tokens):
+        if tok in cfg.eos_token_ids:
+            return tokens[: i + 1], "eos"
+    return tokens, "length" if produced + len(tokens) >= cfg.max_new_tokens else None
+
+
+def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
+           cfg: DecodeConfig) -> Iterator[Step]:
+    """Yield one Step per target forward until EOS or max_new_tokens."""
+    if cfg.method not in METHODS:
+        raise QuanttreeError(f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")
+    if cfg.method != "ar" and drafter is None:
+        raise QuanttreeError(f"method {cfg.method!r} needs a drafter: load(..., drafter=PATH) or use method='ar'")
+    device = target.device
+    clock = Clock(device)
+    gen = make_generator(cfg.sampling, device)
+    layers = tuple(drafter.config.target_layer_ids) if cfg.method != "ar" else ()
+    draft = DraftContext(drafter, target) if layers else None
+    cache = kvcache.new_target_cache(target.model)
+
+    # prefill: the prompt, then the first token (it becomes the first root)
+    t0 = clock()
+    ids = torch.tensor([prompt_ids], device=device)
+    out = target.forward(ids, torch.arange(len(prompt_ids), device=device)[None], cache,
+                         feature_layers=layers, last_only=True)
+    root = int(select_tokens(out.logits[-1:], cfg.sampling, gen)[0])
+    if draft is not None:
+        draft.commit(out.features, torch.arange(len(prompt_ids), device=device))
+    tokens, finished = finish([root], 0, cfg)
+    t1 = clock()
+    yield Step(tokens=tokens, prefill=True, seconds=t1 - t0, finished=finished,
+               times=PhaseTimes(verify=t1 - t0))
+    produced, start = len(tokens), len(prompt_ids)
+    while finished is None:
+        t0 = clock()
+        times = PhaseTimes()
+        tree = propose(cfg.method, draft, root, start, cfg, clock, times)
+        inputs = compile_tree(tree, start, target.dtype)
+        t1 = clock()
+        out = target.forward(inputs.input_ids, inputs.position_ids, cache, inputs.attention_mask, layers)
+        t2 = clock()
+        times.verify += t2 - t1
+        target_tokens = select_tokens(out.logits, cfg.sampling, gen)
+        accepted = walk(tree, target_tokens)
+        kvcache.compact(cache, start, accepted.path)
+        if draft is not None:
+            draft.commit(out.features[accepted.path], start + torch.arange(accepted.path.numel(), device=device))
+        new = tree.tokens[accepted.path[1:]].tolist() + [accepted.bonus]
+        tokens, finished = finish(new, produced, cfg)
+        t3 = clock()
+        times.walk += t3 - t2
+        times.build = (t1 - t0) - times.draft  # tree building includes compiling it
+        yield Step(tokens=tokens, tree_size=tree.size, accept_len=accepted.accept_len, times=times,
+                   seconds=t3 - t0, finished=finished, tree=tree, path=accepted.path)
+        produced += len(tokens)
+        start += accepted.path.numel()
+        root = accepted.bonus

@@ -1,0 +1,271 @@
+"""Engine: loaded models reused across calls; generate() collects, stream() yields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .decode import METHODS, DecodeConfig, PhaseTimes, Step, decode
+from .drafter import DFlashDrafter, build_drafter, check_fits_target, quantize_linears, read_drafter, \
+    resolve_drafter_dir
+from .errors import QuanttreeError
+from .models import BNB_MODES, DEFAULT_TARGET, LoadedTarget, compute_dtype, load_target, resolve_quant
+from .sampling import SamplingParams
+from .target import Target
+
+Prompt = str | Sequence[dict]
+
+
+@dataclass
+class Stats:
+    method: str = "ar"
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    target_forwards: int = 0  # prefill included
+    rounds: int = 0  # decode rounds (target forwards after prefill)
+    prefill_ms: float = 0.0
+    decode_s: float = 0.0
+    tree_nodes: int = 0  # drafted nodes verified, summed over rounds
+    accepted: int = 0  # drafted tokens accepted, summed over rounds
+    accepted_at_depth: list[int] = field(default_factory=list)  # rounds that accepted >= d tokens
+    times: PhaseTimes = field(default_factory=PhaseTimes)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first (which prefill produces) per second of decoding."""
+        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 and self.new_tokens > 1 else 0.0
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per decode-round target forward, bonus included."""
+        return (self.new_tokens - 1) / self.rounds if self.rounds else 0.0
+
+    @property
+    def mean_tree_size(self) -> float:
+        return self.tree_nodes / self.rounds if self.rounds else 0.0
+
+    def phase_ms(self) -> dict[str, float]:
+        t = self.times
+        other = max(self.decode_s - t.draft - t.build - t.verify - t.walk, 0.0)
+        return {k: 1000 * v for k, v in
+                {"draft": t.draft, "build": t.build, "verify": t.verify, "walk": t.walk, "other": other}.items()}
+
+    def add(self, step: Step) -> None:
+        self.new_tokens += len(step.tokens)
+        self.target_forwards += 1
+        if step.prefill:
+            self.prefill_ms = 1000 * step.seconds
+            return
+        self.rounds += 1
+        self.decode_s += step.seconds
+        self.tree_nodes += step.tree_size
+        self.accepted += step.accept_len
+        self.times.add(step.times)
+        while len(self.accepted_at_depth) < step.accept_len:
+            self.accepted_at_depth.append(0)
+        for d in range(step.accept_len):
+            self.accepted_at_depth[d] += 1
+
+    def summary(self) -> str:
+        line = (f"{self.method}: {self.new_tokens} tokens, {self.decode_tokens_per_s:.1f} tok/s decode, "
+                f"prefill {self.prefill_ms:.0f} ms, {self.target_forwards} target forwards")
+        if self.method != "ar":
+            line += f", tau {self.tau:.2f}, tree {self.mean_tree_size:.1f}"
+        return line
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    stats: Stats
+    finish_reason: str  # "eos", "length" or "stop"
+
+
+@dataclass
+class StreamEvent:
+    delta: str  # text new since the previous event
+    text: str  # all text so far
+    token_ids: list[int]
+    stats: Stats
+    step: Step
+    finish_reason: str | None = None
+
+
+class Engine:
+    """A target (and optional drafter) loaded once and reused across generations."""
+
+    def __init__(self, loaded: LoadedTarget, drafter: DFlashDrafter | None = None, drafter_quant: str | None = None):
+        self.loaded = loaded
+        self.target = Target(loaded.model)
+        self.tokenizer = loaded.tokenizer
+        self.drafter = drafter
+        self.quant = loaded.quant
+        self.drafter_quant = drafter_quant
+        self.eos_token_ids = _eos_ids(loaded.model, loaded.tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.target.device
+
+    def encode(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
+        """Token ids for a prompt string or a list of chat messages (chat template when known)."""
+        messages = _as_messages(prompt)
+        template = getattr(self.tokenizer, "chat_template", None)
+        use_chat = bool(template) if chat is None else chat
+        if isinstance(prompt, str) and not use_chat:
+            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if not template:
+            raise QuanttreeError("this tokenizer has no chat template: pass the prompt as a plain string")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def decode_config(self, method: str, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                      seed: int | None, budget: int) -> DecodeConfig:
+        if method not in METHODS:
+            raise QuanttreeError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+        if method != "ar" and self.drafter is None:
+            raise QuanttreeError(f"method {method!r} needs a drafter: quanttree.load(..., drafter=PATH)")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+            raise QuanttreeError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if not isinstance(budget, int) or budget < 1:
+            raise QuanttreeError(f"budget must be a positive integer (tree nodes), got {budget!r}")
+        return DecodeConfig(method=method, max_new_tokens=max_new_tokens, budget=budget,
+                            sampling=SamplingParams(temperature, top_p, top_k, seed),
+                            eos_token_ids=self.eos_token_ids)
+
+    def check_length(self, prompt_ids: list[int], max_new_tokens: int) -> None:
+        if not prompt_ids:
+            raise QuanttreeError("the prompt is empty: pass some text to continue")
+        limit = self.target.max_positions
+        if limit and len(prompt_ids) >= limit:
+            raise QuanttreeError(f"the prompt has {len(prompt_ids)} tokens but the model's context is {limit}: "
+                                 "shorten the prompt")
+        if limit and len(prompt_ids) + max_new_tokens > limit:
+            raise QuanttreeError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                                 f"the model's context of {limit}: lower max_new_tokens to {limit - len(prompt_ids)}")
+
+    def stream(self, prompt: Prompt, method: str = "ar", max_new_tokens: int = 128, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] | None = None,
+               budget: int = 32, chat: bool | None = None) -> Iterator[StreamEvent]:
+        """Yield text as it is produced, with live stats, one event per target forward."""
+        cfg = self.decode_config(method, max_new_tokens, temperature, top_p, top_k, seed, budget)
+        stops = _as_stops(stop)
+        prompt_ids = self.encode(prompt, chat)
+        self.check_length(prompt_ids, max_new_tokens)
+        stats = Stats(method=method, prompt_tokens=len(prompt_ids))
+        ids: list[int] = []
+        shown = ""
+        for step in decode(self.target, self.drafter, prompt_ids, cfg):
+            stats.add(step)
+            ids.extend(step.tokens)
+            text = self._text(ids)
+            cut = _find_stop(text, stops)
+            if cut is not None:
+                ids = self._ids_before_stop(ids, stops)
+                text = text[:cut]
+                yield StreamEvent(text[len(shown):], text, list(ids), stats, step, "stop")
+                return
+            visible = text if step.finished else _holdback(text, stops)
+            yield StreamEvent(visible[len(shown):], visible, list(ids), stats, step, step.finished)
+            shown = visible
+            if step.finished:
+                return
+
+    def generate(self, prompt: Prompt, method: str = "ar", max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] | None = None,
+                 budget: int = 32, chat: bool | None = None) -> Result:
+        """Run to completion and return text, token ids and stats."""
+        event = None
+        for event in self.stream(prompt, method, max_new_tokens, temperature, top_p, top_k, seed, stop, budget, chat):
+            pass
+        return Result(text=event.text, token_ids=event.token_ids, stats=event.stats,
+                      finish_reason=event.finish_reason or "length")
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _ids_before_stop(self, ids: list[int], stops: list[str]) -> list[int]:
+        """The shortest prefix of ids whose text contains a stop string, minus that string's tokens."""
+        for n in range(1, len(ids) + 1):
+            if _find_stop(self._text(ids[:n]), stops) is not None:
+                return ids[: n - 1] if n > 1 else []
+        return ids
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def _as_messages(prompt: Prompt) -> list[dict]:
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise QuanttreeError("the prompt is empty: pass some text to continue")
+        return [{"role": "user", "content": prompt}]
+    messages = list(prompt or [])
+    if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise QuanttreeError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    return messages
+
+
+def _as_stops(stop) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if not all(isinstance(s, str) and s for s in stops):
+        raise QuanttreeError("stop must be a non-empty string or a list of non-empty strings")
+    return stops
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    hits = [text.find(s) for s in stops if s in text]
+    return min(hits) if hits else None
+
+
+def _holdback(text: str, stops: list[str]) -> str:
+    """Text safe to show: withhold an incomplete UTF-8 tail and a tail that may begin a stop string."""
+    text = text.rstrip("\ufffd")
+    keep = len(text)
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                keep = min(keep, len(text) - n)
+                break
+    return text[:keep]
+
+
+def load_drafter(path: str, target: Target, quant: str | None) -> tuple[DFlashDrafter, str]:
+    """Load a DFlash drafter for `target`, checked to fit it, in its own quant mode."""
+    cfg, tensors = read_drafter(resolve_drafter_dir(path))
+    check_fits_target(cfg, target.config, "mask_embedding" in tensors)
+    drafter = build_drafter(cfg, tensors)
+    mode = resolve_quant(quant or "auto", target.device)
+    if quant is None or quant == "auto":  # follow the target's activation dtype
+        dtype, mode = target.dtype, {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(target.dtype, "fp16")
+    else:
+        dtype = compute_dtype(mode, target.device)
+    drafter = drafter.to(device=target.device, dtype=dtype)
+    if mode in BNB_MODES:
+        quantize_linears(drafter.layers, mode, dtype)
+    drafter.eval().requires_grad_(False)
+    return drafter, mode
+
+
+def load(target: str = DEFAULT_TARGET, drafter: str | None = None, quant: str = "auto",
+         drafter_quant: str | None = None, device: str | None = None, device_map: str | dict | None = None,
+         log=print) -> Engine:
+    """Load a target (and optionally a DFlash drafter) once; reuse the Engine across calls."""
+    loaded = load_target(target, quant, device, device_map, log)
+    if drafter is None:
+        return Engine(loaded)
+    model, mode = load_drafter(drafter, Target(loaded.model), drafter_quant)
+    return Engine(loaded, model, mode)

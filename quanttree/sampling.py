@@ -1,0 +1,68 @@
+"""Token selection shared by AR, chain and tree decoding.
+
+Naming, stated once: p is the target's distribution after temperature / top-k / top-p;
+every committed token is drawn from p given the committed prefix, which is what keeps
+speculative decoding lossless. Draft distributions (q) are used only to shape trees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import QuanttreeError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise QuanttreeError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise QuanttreeError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise QuanttreeError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """A seeded generator for reproducible sampling (None: torch's global RNG)."""
+    if params.greedy or params.seed is None:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(params.seed)
+    return gen
+
+
+def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """p for each row of logits [n, V] -> probs [n, V] (float32)."""
+    scores = logits.float() / params.temperature
+    if params.top_k > 0 and params.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        cum = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+        drop_sorted = (cum - torch.softmax(sorted_scores, dim=-1)) >= params.top_p  # keep the first token always
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def select_tokens(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One target token per row: argmax when greedy, else an independent draw from p. [n, V] -> [n]"""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    probs = logits_to_probs(logits, params)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

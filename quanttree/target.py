@@ -1,0 +1,61 @@
+"""The target model behind its public forward: logits, chosen hidden states, an explicit mask."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TargetOutput:
+    logits: torch.Tensor  # [n, V] (n = 1 when only the last position was asked for)
+    features: torch.Tensor | None  # [n, k*H]: hidden states of the chosen layers, concatenated
+
+
+class Target:
+    """A loaded causal LM; never patched, only called through model(...)."""
+
+    def __init__(self, model):
+        self.model = model
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.config = config
+        self.device = model.get_input_embeddings().weight.device
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.num_layers = config.num_hidden_layers
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.max_positions = getattr(config, "max_position_embeddings", None)
+        # transformers renamed past_key_values to cache in 5.2x; use whichever this version takes
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.model.get_output_embeddings()
+        weight = getattr(head, "weight", None)
+        return head(hidden.to(weight.dtype) if weight is not None and weight.is_floating_point() else hidden)
+
+    @torch.inference_mode()
+    def forward(self, input_ids, position_ids, cache, attention_mask=None,
+                feature_layers: tuple[int, ...] = (), last_only: bool = False) -> TargetOutput:
+        """One forward over new tokens [1, n] at positions [1, n], appending to `cache`.
+
+        attention_mask: None (causal) or 4D additive [1, 1, n, past+n]. feature_layers: layer
+        ids whose outputs become drafter features (id i = hidden_states[i + 1]).
+        """
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            position_ids=position_ids.to(self.device),
+            attention_mask=attention_mask,
+            use_cache=True,
+            **{self.cache_arg: cache},
+            output_hidden_states=bool(feature_layers),
+            logits_to_keep=1 if last_only else 0,
+        )
+        features = None
+        if feature_layers:
+            features = torch.cat([out.hidden_states[i + 1][0] for i in feature_layers], dim=-1)
+        return TargetOutput(logits=out.logits[0], features=features)

@@ -1,0 +1,174 @@
+"""Draft trees as pure tensor functions: build, compile (ids, positions, mask), walk.
+
+A tree has n+1 nodes; node 0 is the root (the current bonus token, already committed
+on the target side but not yet in its KV cache). Nodes are stored parents-before-children,
+so node i's parent index is always < i. Depth d >= 1 nodes carry a token drafted for the
+position root + d.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tree:
+    tokens: torch.Tensor  # [n+1] long, tokens[0] = root
+    parents: torch.Tensor  # [n+1] long, parents[0] = -1
+    depths: torch.Tensor  # [n+1] long, depths[0] = 0
+    scores: torch.Tensor  # [n+1] float, log path probability under the draft marginals (root 0)
+
+    @property
+    def size(self) -> int:
+        """Number of drafted nodes (root excluded)."""
+        return self.tokens.numel() - 1
+
+    def is_chain(self) -> bool:
+        return bool((self.parents[1:] == torch.arange(self.size, device=self.parents.device)).all())
+
+
+@dataclass(frozen=True)
+class VerifyInputs:
+    input_ids: torch.Tensor  # [1, n+1]
+    position_ids: torch.Tensor  # [1, n+1]
+    attention_mask: torch.Tensor | None  # [1, 1, n+1, past+n+1] additive, None = plain causal
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    path: torch.Tensor  # [L] node indices from the root (0) to the deepest accepted node
+    bonus: int  # the target's token after the last path node
+
+    @property
+    def accept_len(self) -> int:
+        """Drafted tokens accepted (root and bonus excluded)."""
+        return self.path.numel() - 1
+
+
+def root_only(root: int, device: torch.device | str = "cpu") -> Tree:
+    """The tree of plain autoregressive decoding: nothing drafted."""
+    one = torch.tensor([root], dtype=torch.long, device=device)
+    return Tree(one, torch.tensor([-1], device=device), torch.zeros(1, dtype=torch.long, device=device),
+                torch.zeros(1, device=device))
+
+
+def build_chain(log_probs: torch.Tensor, root: int, length: int | None = None) -> Tree:
+    """DFlash's chain: the top-1 token at every depth. log_probs: [D, V] -> chain of min(length, D)."""
+    depth = log_probs.shape[0] if length is None else min(length, log_probs.shape[0])
+    best, tok = log_probs[:depth].max(dim=-1)  # [depth]
+    device = log_probs.device
+    tokens = torch.cat([torch.tensor([root], device=device), tok])
+    parents = torch.arange(-1, depth, device=device)
+    depths = torch.arange(0, depth + 1, device=device)
+    scores = torch.cat([torch.zeros(1, device=device), best.float().cumsum(0)])
+    return Tree(tokens, parents, depths, scores)
+
+
+def build_tree(log_probs: torch.Tensor, root: int, budget: int) -> Tree:
+    """DDTree's best-first tree: exactly the `budget` most probable prefixes under the
+    per-depth marginals (the set a best-first heap pops), built depth by depth with topk.
+
+    log_probs: [D, V] log-softmax draft marginals for depths 1..D.
+    Exactness: a top-`budget` prefix at depth d extends a top-`budget` prefix at depth d-1,
+    so a beam of width `budget` per depth holds every candidate; the global top set is then
+    prefix-closed because a child never scores above its parent.
+    """
+    device = log_probs.device
+    if budget <= 0:
+        return root_only(root, device)
+    depth_count, vocab = log_probs.shape
+    k = min(budget, vocab)
+    lp, tok = torch.topk(log_probs.float(), k, dim=-1)  # [D, k], sorted descending
+    beam = lp[0]  # [k] scores of depth-1 prefixes
+    level_scores, level_tokens, level_parents = [beam], [tok[0]], [torch.full((k,), -1, device=device)]
+    for d in range(1, depth_count):
+        cand = (beam[:, None] + lp[d][None, :]).reshape(-1)  # [b*k]
+        width = min(budget, cand.numel())
+        beam, idx = torch.topk(cand, width)
+        level_scores.append(beam)
+        level_tokens.append(tok[d][idx % k])
+        level_parents.append(idx // k)  # index into the previous level
+    return _select_top(level_scores, level_tokens, level_parents, root, budget)
+
+
+def _select_top(level_scores, level_tokens, level_parents, root: int, budget: int) -> Tree:
+    """Keep the global top-`budget` prefixes across levels; order nodes by depth (parents first)."""
+    device = level_scores[0].device
+    sizes = [s.numel() for s in level_scores]
+    scores = torch.cat(level_scores)
+    depth_of = torch.cat([torch.full((n,), d + 1, device=device) for d, n in enumerate(sizes)])
+    # stable sort: among equal scores the shallower (earlier) candidate wins, so parents precede
+    order = torch.sort(scores, descending=True, stable=True).indices[:budget]
+    keep = torch.sort(order).values  # flat indices, grouped by depth, ascending
+    offsets = torch.tensor([0] + sizes, device=device).cumsum(0)
+    new_index = torch.full((scores.numel(),), -1, dtype=torch.long, device=device)
+    new_index[keep] = torch.arange(1, keep.numel() + 1, device=device)
+    depth = depth_of[keep]
+    local_parent = torch.cat(level_parents)[keep]
+    parent_flat = torch.where(depth > 1, offsets[(depth - 2).clamp(min=0)] + local_parent, -1)
+    parents = torch.where(depth > 1, new_index[parent_flat.clamp(min=0)], torch.zeros_like(depth))
+    zero = torch.zeros(1, dtype=torch.long, device=device)
+    return Tree(
+        tokens=torch.cat([torch.tensor([root], device=device), torch.cat(level_tokens)[keep]]),
+        parents=torch.cat([torch.tensor([-1], device=device), parents]),
+        depths=torch.cat([zero, depth]),
+        scores=torch.cat([torch.zeros(1, device=device), scores[keep]]),
+    )
+
+
+def ancestor_matrix(parents: torch.Tensor) -> torch.Tensor:
+    """vis[i, j] = node j is node i or one of its ancestors. parents: [n+1] -> [n+1, n+1] bool.
+
+    Uses vis[i] = onehot(i) | vis[parent[i]], vectorised by pointer doubling over depths.
+    """
+    n = parents.numel()
+    idx = torch.arange(n, device=parents.device)
+    vis = torch.zeros(n, n, dtype=torch.bool, device=parents.device)
+    vis[idx, idx] = True
+    hop = parents.clamp(min=0)  # the root points to itself
+    has = parents >= 0
+    vis[idx[has], hop[has]] = True
+    # after step s, vis holds ancestors up to 2^(s+1) hops; depth <= n so log2(n) steps suffice
+    steps = max(1, int(n).bit_length())
+    for _ in range(steps):
+        vis = vis | vis[hop]
+        hop = hop[hop]
+    return vis
+
+
+def compile_tree(tree: Tree, start: int, dtype: torch.dtype) -> VerifyInputs:
+    """Flatten a tree for one target forward after `start` cached positions.
+
+    Positions are start + depth (siblings share one). A chain needs no mask (plain causal);
+    otherwise the mask is 4D additive: every cached column visible, tree columns visible
+    only for ancestors (and self).
+    """
+    input_ids = tree.tokens[None, :]
+    position_ids = (tree.depths + start)[None, :]
+    if tree.is_chain():
+        return VerifyInputs(input_ids, position_ids, None)
+    vis = ancestor_matrix(tree.parents)
+    n = vis.shape[0]
+    mask = torch.zeros(n, start + n, dtype=dtype, device=vis.device)
+    mask[:, start:] = mask[:, start:].masked_fill(~vis, torch.finfo(dtype).min)
+    return VerifyInputs(input_ids, position_ids, mask[None, None])
+
+
+def walk(tree: Tree, target_tokens: torch.Tensor) -> Acceptance:
+    """Follow the target from the root: at each node, go to the child whose token equals the
+    target's token there; stop when none does. target_tokens: [n+1] (one per node)."""
+    if tree.size == 0:  # plain decoding: nothing to walk
+        return Acceptance(path=torch.zeros(1, dtype=torch.long, device=target_tokens.device),
+                          bonus=int(target_tokens[0]))
+    parents = tree.parents
+    ok = torch.zeros_like(parents, dtype=torch.bool)
+    ok[0] = True
+    ok[1:] = tree.tokens[1:] == target_tokens[parents[1:]]
+    vis = ancestor_matrix(parents)
+    on_path = (vis & ~ok[None, :]).sum(dim=1) == 0  # every ancestor (and self) accepted
+    depth = torch.where(on_path, tree.depths, torch.full_like(tree.depths, -1))
+    last = int(depth.argmax())
+    path = vis[last].nonzero().squeeze(-1)  # ancestors of the deepest accepted node, ascending
+    return Acceptance(path=path, bonus=int(target_tokens[last]))
