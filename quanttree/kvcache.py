@@ -24,6 +24,7 @@ def crop(cache, length: int) -> None:
             layer.values = layer.values[..., :length, :]
 
 
+@torch.inference_mode()  # cache tensors are inference tensors: update them in that mode
 def compact(cache, start: int, path: torch.Tensor) -> None:
     """Keep the accepted tree path: entries at start+path[i] move to start+i, then crop.
 

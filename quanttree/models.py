@@ -251,6 +251,7 @@ def _load_tokenizer(path: str):
 
 def library_versions() -> dict:
     """Versions that decide kernels and therefore speed (also keys cost profiles)."""
+    silence_libraries()
     import transformers
 
     versions = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}

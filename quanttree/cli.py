@@ -1,0 +1,101 @@
+"""Command line: `quanttree generate`, `quanttree info`. Only this module knows argparse."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import QuanttreeError
+from .models import DEFAULT_TARGET, QUANT_MODES
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=DEFAULT_TARGET, help="model name, local dir, .gguf file or hub id")
+    p.add_argument("--quant", default="auto", choices=QUANT_MODES, help="target weights (default: auto)")
+    p.add_argument("--drafter", default=None, help="DFlash drafter dir or hub id")
+    p.add_argument("--drafter-quant", default=None, choices=QUANT_MODES, help="drafter weights (default: follow target)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .decode import METHODS
+
+    parser = argparse.ArgumentParser(prog="quanttree", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="stream a generation and print its stats")
+    gen.add_argument("prompt", help="the user message (chat template applied when the model has one)")
+    _add_model_args(gen)
+    gen.add_argument("--method", default=None, choices=METHODS, help="decoding method (default: ddtree with a "
+                     "drafter, else ar)")
+    gen.add_argument("--budget", type=int, default=32, help="tree node budget for ddtree")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
+    gen.add_argument("--compare", action="store_true", help="also run plain autoregressive decoding, print speedup")
+    sub.add_parser("info", help="device, library versions, quant modes and bitsandbytes kernel paths")
+    return parser
+
+
+def cmd_generate(args) -> int:
+    from .engine import load
+
+    engine = load(target=args.target, drafter=args.drafter, quant=args.quant, drafter_quant=args.drafter_quant,
+                  device=args.device, log=lambda msg: print(msg, file=sys.stderr))
+    method = args.method or ("ddtree" if engine.drafter is not None else "ar")
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, seed=args.seed, stop=args.stop, budget=args.budget,
+                   chat=False if args.raw else None)
+    event = None
+    for event in engine.stream(args.prompt, method=method, **options):
+        print(event.delta, end="", flush=True)
+    print()
+    result = event
+    print(f"[{engine.quant}] {result.stats.summary()}", file=sys.stderr)
+    if args.compare:
+        base = engine.generate(args.prompt, method="ar", **options)
+        print(f"[{engine.quant}] {base.stats.summary()}", file=sys.stderr)
+        speedup = result.stats.decode_tokens_per_s / max(base.stats.decode_tokens_per_s, 1e-9)
+        same = "identical" if base.token_ids == result.token_ids else "different"
+        note = "" if args.temperature == 0 else " (sampling: outputs differ by design)"
+        print(f"speedup {method} vs ar: {speedup:.2f}x, outputs {same}{note}", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from .models import BNB_MODES, bnb_kernel_paths, library_versions, pick_device
+
+    device = pick_device(None)
+    print(f"device: {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+                                 f" ({torch.get_num_threads()} threads)"))
+    for name, version in library_versions().items():
+        print(f"{name}: {version}")
+    bnb = library_versions().get("bitsandbytes")
+    modes = [m for m in QUANT_MODES if m not in BNB_MODES or bnb]
+    print(f"quant modes: {', '.join(modes)}")
+    for name, path in bnb_kernel_paths().items():
+        print(f"bitsandbytes {name}: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+        return cmd_info(args)
+    except QuanttreeError as exc:
+        print(f"quanttree: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nquanttree: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
