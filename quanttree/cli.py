@@ -37,6 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
     gen.add_argument("--compare", action="store_true", help="also run plain autoregressive decoding, print speedup")
     sub.add_parser("info", help="device, library versions, quant modes and bitsandbytes kernel paths")
+    train = sub.add_parser("train-drafter", help="train a DFlash drafter for a target (resumable)")
+    train.add_argument("--target", default=DEFAULT_TARGET)
+    train.add_argument("--quant", default="auto", choices=QUANT_MODES, help="target mode for data and features")
+    train.add_argument("--out", required=True, help="directory for the exported drafter")
+    train.add_argument("--work", default=None, help="data, checkpoints and logs (default: under the cache dir)")
+    train.add_argument("--stage", default="all", choices=("data", "train", "all"))
+    train.add_argument("--tokens", type=int, default=2_000_000, help="response tokens to generate")
+    train.add_argument("--batch-size", type=int, default=32, help="generation batch size")
+    train.add_argument("--max-new-tokens", type=int, default=256, help="response length cap for data")
+    train.add_argument("--device", default=None)
     return parser
 
 
@@ -83,12 +93,29 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_train_drafter(args) -> int:
+    from pathlib import Path
+
+    from .engine import load
+    from .train.datagen import GenConfig
+    from .train.pipeline import TrainPaths, default_work_dir, run_data_stage
+
+    engine = load(target=args.target, quant=args.quant, device=args.device,
+                  log=lambda msg: print(msg, file=sys.stderr))
+    paths = TrainPaths(Path(args.work) if args.work else default_work_dir(args.target, engine.quant))
+    if args.stage in ("data", "all"):
+        gen = GenConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        run_data_stage(engine, paths, args.tokens, gen)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "train-drafter": cmd_train_drafter}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "generate":
-            return cmd_generate(args)
-        return cmd_info(args)
+        return COMMANDS[args.command](args)
     except QuanttreeError as exc:
         print(f"quanttree: error: {exc}", file=sys.stderr)
         return 2

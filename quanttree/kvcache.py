@@ -57,3 +57,12 @@ class ContextKV:
             v = torch.cat([self.values[layer], v], dim=-2)
         self.keys[layer], self.values[layer] = k, v
         return k, v
+
+
+@torch.inference_mode()
+def select_rows(cache, rows: torch.Tensor) -> None:
+    """Keep only the batch rows `rows` [r] of every layer (finished sequences leave the batch)."""
+    for layer in cache.layers:
+        if layer.keys is not None and layer.keys.numel():
+            layer.keys = layer.keys.index_select(0, rows)
+            layer.values = layer.values.index_select(0, rows)

@@ -72,12 +72,28 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX): there bf16 decodes about 2x
+    faster than fp32 and verifies many tokens for little more than one."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_quant(quant: str, device: torch.device) -> str:
-    """Map 'auto' to a concrete mode and check that the mode runs on the device."""
+    """Map 'auto' to a concrete mode and check that the mode runs on the device.
+
+    auto: bf16 on a GPU with bf16 and on a CPU with native bf16, otherwise fp16 (GPU) / fp32 (CPU).
+    """
     if quant not in QUANT_MODES:
         raise QuanttreeError(f"unknown quant mode {quant!r}: choose one of {', '.join(QUANT_MODES)}")
     if quant == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
     if quant in BNB_MODES and importlib.util.find_spec("bitsandbytes") is None:
         raise QuanttreeError(f"quant mode {quant!r} needs bitsandbytes: pip install bitsandbytes")
     if quant == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
