@@ -46,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--tokens", type=int, default=2_000_000, help="response tokens to generate")
     train.add_argument("--batch-size", type=int, default=32, help="generation batch size")
     train.add_argument("--max-new-tokens", type=int, default=256, help="response length cap for data")
+    train.add_argument("--steps", type=int, default=2000, help="optimizer steps in total")
+    train.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this long")
+    train.add_argument("--layers", type=int, default=2, help="drafter layers")
+    train.add_argument("--block-size", type=int, default=16)
+    train.add_argument("--draft-vocab", type=int, default=8192, help="frequency-ranked draft vocabulary (0 = full)")
+    train.add_argument("--anchors", type=int, default=64, help="blocks per sequence")
+    train.add_argument("--seqs-per-step", type=int, default=4)
+    train.add_argument("--lr", type=float, default=6e-4)
+    train.add_argument("--variable-prefix", action="store_true", help="train D2SD's variable-prefix drafter")
     train.add_argument("--device", default=None)
     return parser
 
@@ -106,6 +115,15 @@ def cmd_train_drafter(args) -> int:
     if args.stage in ("data", "all"):
         gen = GenConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
         run_data_stage(engine, paths, args.tokens, gen)
+    if args.stage in ("train", "all"):
+        from .train.pipeline import run_train_stage
+        from .train.trainer import TrainConfig
+
+        cfg = TrainConfig(num_layers=args.layers, block_size=args.block_size, draft_vocab=args.draft_vocab,
+                          anchors=args.anchors, seqs_per_step=args.seqs_per_step, steps=args.steps, lr=args.lr,
+                          variable_prefix=args.variable_prefix)
+        name = "checkpoints-vp" if args.variable_prefix else "checkpoints"
+        run_train_stage(engine, paths, cfg, Path(args.out), args.minutes, name)
     return 0
 
 

@@ -18,7 +18,7 @@ from .errors import QuanttreeError
 from .kvcache import ContextKV
 from .sampling import SamplingParams, make_generator, select_tokens
 from .target import Target
-from .tree import Tree, build_chain, build_tree, compile_tree, root_only, walk
+from .tree import Tree, build_chain, build_tree, compile_tree, map_tokens, root_only, walk
 
 DRAFT_METHODS = ("dflash", "ddtree")
 METHODS = ("ar",) + DRAFT_METHODS
@@ -83,6 +83,9 @@ class DraftContext:
         if mask is None:
             mask = target.embed(torch.tensor([drafter.config.mask_token_id], device=target.device))[0]
         self.mask_embed = mask.detach().to(device=target.device, dtype=drafter.dtype)
+        self.vocab = drafter.draft_vocab  # None: the whole target vocabulary
+        head = target.model.get_output_embeddings().weight
+        self.head = head.detach()[self.vocab] if self.vocab is not None else None  # [N, H] rows of the lm_head
 
     def commit(self, features: torch.Tensor, positions: torch.Tensor) -> None:
         """Queue committed tokens' target features [c, k*H] at positions [c]."""
@@ -90,7 +93,8 @@ class DraftContext:
 
     @torch.inference_mode()
     def log_probs(self, root: int, start: int) -> torch.Tensor:
-        """Per-depth draft marginals for depths 1..B-1 after root at position start. -> [B-1, V]"""
+        """Per-depth draft marginals for depths 1..B-1 after root at position start.
+        -> [B-1, V], or [B-1, N] over the draft vocabulary (map indices with `self.vocab`)."""
         if self.pending is not None:
             features, positions = self.pending
             self.drafter.extend_context(self.cache, features[None], positions)
@@ -100,7 +104,10 @@ class DraftContext:
         embeds = torch.cat([root_embed, self.mask_embed.expand(block - 1, -1)])[None]  # [1, B, H]
         positions = torch.arange(start, start + block, device=self.target.device)
         hidden = self.drafter.forward_block(embeds, positions, self.cache)
-        logits = self.target.lm_head(hidden[0, 1:])
+        if self.head is not None:
+            logits = hidden[0, 1:].to(self.head.dtype) @ self.head.T
+        else:
+            logits = self.target.lm_head(hidden[0, 1:])
         return torch.log_softmax(logits.float(), dim=-1)
 
 
@@ -116,6 +123,8 @@ def propose(method: str, draft: DraftContext | None, root: int, start: int, cfg:
         tree = build_chain(log_probs, root)
     else:
         tree = build_tree(log_probs, root, cfg.budget)
+    if draft.vocab is not None:
+        tree = map_tokens(tree, draft.vocab)
     times.draft += t1 - t0
     times.build += clock() - t1
     return tree

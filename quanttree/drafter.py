@@ -20,6 +20,7 @@ from .kvcache import ContextKV
 
 ARCHITECTURE = "DFlashDraftModel"
 WEIGHTS_FILE = "model.safetensors"
+DRAFT_VOCAB_FILE = "draft_vocab.json"  # ours, optional; engines that do not know it ignore it
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ class DFlashDrafter(nn.Module):
         self.layers = nn.ModuleList(DrafterLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mask_embedding = nn.Parameter(torch.zeros(cfg.hidden_size)) if with_mask_embedding else None
+        self.draft_vocab: torch.Tensor | None = None  # frequency-ranked subset the drafter predicts over
 
     @property
     def dtype(self) -> torch.dtype:
@@ -255,6 +257,17 @@ def resolve_drafter_dir(drafter: str) -> Path:
         except Exception as exc:  # network, auth or missing repo
             raise QuanttreeError(f"could not fetch drafter {drafter!r} from the hub: {exc}") from exc
     raise QuanttreeError(f"drafter {drafter!r} not found: pass a drafter directory or a hub id 'org/name'")
+
+
+def read_draft_vocab(path: Path, vocab_size: int) -> torch.Tensor | None:
+    """Optional draft_vocab.json beside the weights: target token ids the drafter predicts over."""
+    file = path / DRAFT_VOCAB_FILE
+    if not file.exists():
+        return None
+    ids = torch.tensor(json.loads(file.read_text()), dtype=torch.long)
+    if ids.ndim != 1 or ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise QuanttreeError(f"{file} must list token ids of the target vocabulary (0..{vocab_size - 1})")
+    return ids
 
 
 def read_drafter(path: Path) -> tuple[DrafterConfig, dict[str, torch.Tensor]]:

@@ -8,8 +8,8 @@ from typing import Iterator, Sequence
 import torch
 
 from .decode import METHODS, DecodeConfig, PhaseTimes, Step, decode
-from .drafter import DFlashDrafter, build_drafter, check_fits_target, quantize_linears, read_drafter, \
-    resolve_drafter_dir
+from .drafter import DFlashDrafter, build_drafter, check_fits_target, quantize_linears, read_draft_vocab, \
+    read_drafter, resolve_drafter_dir
 from .errors import QuanttreeError
 from .models import BNB_MODES, DEFAULT_TARGET, LoadedTarget, compute_dtype, load_target, resolve_quant
 from .sampling import SamplingParams
@@ -245,9 +245,11 @@ def _holdback(text: str, stops: list[str]) -> str:
 
 def load_drafter(path: str, target: Target, quant: str | None) -> tuple[DFlashDrafter, str]:
     """Load a DFlash drafter for `target`, checked to fit it, in its own quant mode."""
-    cfg, tensors = read_drafter(resolve_drafter_dir(path))
+    directory = resolve_drafter_dir(path)
+    cfg, tensors = read_drafter(directory)
     check_fits_target(cfg, target.config, "mask_embedding" in tensors)
     drafter = build_drafter(cfg, tensors)
+    vocab = read_draft_vocab(directory, cfg.vocab_size)
     mode = resolve_quant(quant or "auto", target.device)
     if quant is None or quant == "auto":  # follow the target's activation dtype
         dtype, mode = target.dtype, {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(target.dtype, "fp16")
@@ -257,6 +259,7 @@ def load_drafter(path: str, target: Target, quant: str | None) -> tuple[DFlashDr
     if mode in BNB_MODES:
         quantize_linears(drafter.layers, mode, dtype)
     drafter.eval().requires_grad_(False)
+    drafter.draft_vocab = vocab.to(target.device) if vocab is not None else None
     return drafter, mode
 
 

@@ -118,6 +118,12 @@ def _select_top(level_scores, level_tokens, level_parents, root: int, budget: in
     )
 
 
+def map_tokens(tree: Tree, vocab: torch.Tensor) -> Tree:
+    """Draft-vocabulary indices -> target token ids for every node but the root."""
+    tokens = torch.cat([tree.tokens[:1], vocab[tree.tokens[1:]]])
+    return Tree(tokens, tree.parents, tree.depths, tree.scores)
+
+
 def ancestor_matrix(parents: torch.Tensor) -> torch.Tensor:
     """vis[i, j] = node j is node i or one of its ancestors. parents: [n+1] -> [n+1, n+1] bool.
 

