@@ -12,7 +12,8 @@ from .models import DEFAULT_TARGET, QUANT_MODES
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help="model name, local dir, .gguf file or hub id")
     p.add_argument("--quant", default="auto", choices=QUANT_MODES, help="target weights (default: auto)")
-    p.add_argument("--drafter", default=None, help="DFlash drafter dir or hub id")
+    p.add_argument("--drafter", default="auto", help="DFlash drafter dir or hub id; 'auto' = the one shipped for "
+                   "the embedded target; 'none' = no drafter")
     p.add_argument("--drafter-quant", default=None, choices=QUANT_MODES, help="drafter weights (default: follow target)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
 
@@ -62,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_generate(args) -> int:
     from .engine import load
 
-    engine = load(target=args.target, drafter=args.drafter, quant=args.quant, drafter_quant=args.drafter_quant,
+    drafter = None if args.drafter == "none" else args.drafter
+    engine = load(target=args.target, drafter=drafter, quant=args.quant, drafter_quant=args.drafter_quant,
                   device=args.device, log=lambda msg: print(msg, file=sys.stderr))
-    method = args.method or ("ddtree" if engine.drafter is not None else "ar")
+    method = args.method or engine.default_method
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, seed=args.seed, stop=args.stop, budget=args.budget,
                    chat=False if args.raw else None)
@@ -109,7 +111,7 @@ def cmd_train_drafter(args) -> int:
     from .train.datagen import GenConfig
     from .train.pipeline import TrainPaths, default_work_dir, run_data_stage
 
-    engine = load(target=args.target, quant=args.quant, device=args.device,
+    engine = load(target=args.target, drafter=None, quant=args.quant, device=args.device,
                   log=lambda msg: print(msg, file=sys.stderr))
     paths = TrainPaths(Path(args.work) if args.work else default_work_dir(args.target, engine.quant))
     if args.stage in ("data", "all"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -11,7 +12,8 @@ from .decode import METHODS, DecodeConfig, PhaseTimes, Step, decode
 from .drafter import DFlashDrafter, build_drafter, check_fits_target, quantize_linears, read_draft_vocab, \
     read_drafter, resolve_drafter_dir
 from .errors import QuanttreeError
-from .models import BNB_MODES, DEFAULT_TARGET, LoadedTarget, compute_dtype, load_target, resolve_quant
+from .models import BNB_MODES, DEFAULT_TARGET, EMBEDDED_MODELS, LoadedTarget, compute_dtype, load_target, \
+    resolve_quant
 from .sampling import SamplingParams
 from .target import Target
 
@@ -110,6 +112,11 @@ class Engine:
     def device(self) -> torch.device:
         return self.target.device
 
+    @property
+    def default_method(self) -> str:
+        """Tree speculation when a drafter is loaded, plain decoding otherwise."""
+        return "ddtree" if self.drafter is not None else "ar"
+
     def encode(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
         """Token ids for a prompt string or a list of chat messages (chat template when known)."""
         messages = _as_messages(prompt)
@@ -124,6 +131,7 @@ class Engine:
 
     def decode_config(self, method: str, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                       seed: int | None, budget: int) -> DecodeConfig:
+        method = method or self.default_method
         if method not in METHODS:
             raise QuanttreeError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
         if method != "ar" and self.drafter is None:
@@ -147,7 +155,7 @@ class Engine:
             raise QuanttreeError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                                  f"the model's context of {limit}: lower max_new_tokens to {limit - len(prompt_ids)}")
 
-    def stream(self, prompt: Prompt, method: str = "ar", max_new_tokens: int = 128, temperature: float = 0.0,
+    def stream(self, prompt: Prompt, method: str | None = None, max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] | None = None,
                budget: int = 32, chat: bool | None = None) -> Iterator[StreamEvent]:
         """Yield text as it is produced, with live stats, one event per target forward."""
@@ -155,7 +163,7 @@ class Engine:
         stops = _as_stops(stop)
         prompt_ids = self.encode(prompt, chat)
         self.check_length(prompt_ids, max_new_tokens)
-        stats = Stats(method=method, prompt_tokens=len(prompt_ids))
+        stats = Stats(method=cfg.method, prompt_tokens=len(prompt_ids))
         ids: list[int] = []
         shown = ""
         for step in decode(self.target, self.drafter, prompt_ids, cfg):
@@ -174,7 +182,7 @@ class Engine:
             if step.finished:
                 return
 
-    def generate(self, prompt: Prompt, method: str = "ar", max_new_tokens: int = 128, temperature: float = 0.0,
+    def generate(self, prompt: Prompt, method: str | None = None, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] | None = None,
                  budget: int = 32, chat: bool | None = None) -> Result:
         """Run to completion and return text, token ids and stats."""
@@ -263,11 +271,23 @@ def load_drafter(path: str, target: Target, quant: str | None) -> tuple[DFlashDr
     return drafter, mode
 
 
-def load(target: str = DEFAULT_TARGET, drafter: str | None = None, quant: str = "auto",
+def shipped_drafter(target: str) -> str | None:
+    """The drafter quanttree ships for an embedded target, if any."""
+    path = Path(__file__).parent / "drafters" / target
+    return str(path) if target in EMBEDDED_MODELS and (path / "config.json").is_file() else None
+
+
+def load(target: str = DEFAULT_TARGET, drafter: str | None = "auto", quant: str = "auto",
          drafter_quant: str | None = None, device: str | None = None, device_map: str | dict | None = None,
          log=print) -> Engine:
-    """Load a target (and optionally a DFlash drafter) once; reuse the Engine across calls."""
+    """Load a target (and a DFlash drafter) once; reuse the Engine across calls.
+
+    drafter: a drafter dir or hub id; "auto" = the drafter shipped for an embedded target (none
+    otherwise); None = no drafter (plain decoding only).
+    """
     loaded = load_target(target, quant, device, device_map, log)
+    if drafter == "auto":
+        drafter = shipped_drafter(target)
     if drafter is None:
         return Engine(loaded)
     model, mode = load_drafter(drafter, Target(loaded.model), drafter_quant)

@@ -30,7 +30,7 @@ def tokenizer(embedded_dir):
 def embedded_engine():
     import quanttree
 
-    return quanttree.load("smollm2-135m", quant="fp32", device="cpu", log=lambda *_: None)
+    return quanttree.load("smollm2-135m", quant="fp32", device="cpu", drafter=None, log=lambda *_: None)
 
 
 @pytest.fixture(scope="session")
