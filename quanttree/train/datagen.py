@@ -140,3 +140,33 @@ def load_shards(data_dir: Path) -> list[tuple[np.ndarray, int, int]]:
 def count_tokens(data_dir: Path) -> int:
     """Response tokens already generated in data_dir."""
     return sum(len(t) - p for t, p, _ in load_shards(data_dir)) if data_dir.exists() else 0
+
+
+def pack_dataset(data_dir: Path, out: Path) -> Path:
+    """All shards as one compressed file of token ids (uint16 when the vocabulary allows)."""
+    seqs = load_shards(data_dir)
+    tokens = np.concatenate([s[0] for s in seqs])
+    dtype = np.uint16 if tokens.max() < 65536 else np.int32
+    offsets = np.concatenate([[0], np.cumsum([len(s[0]) for s in seqs])])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, tokens=tokens.astype(dtype), offsets=offsets,
+                        prompt_lens=np.array([s[1] for s in seqs]), pool_index=np.array([s[2] for s in seqs]))
+    return out
+
+
+def unpack_dataset(packed: Path, data_dir: Path, chunk: int = 128) -> int:
+    """Restore shards from a packed file (a fresh machine skips hours of generation)."""
+    with np.load(packed) as z:
+        tokens, offsets = z["tokens"].astype(np.int32), z["offsets"]
+        plens, pidx = z["prompt_lens"], z["pool_index"]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    order = np.argsort(pidx, kind="stable")
+    by_shard: dict[int, list[int]] = {}
+    for i in order:
+        by_shard.setdefault(int(pidx[i]) // chunk, []).append(int(i))
+    for index, rows in by_shard.items():
+        path = shard_path(data_dir, index)
+        if not path.exists():
+            write_shard(path, [tokens[offsets[i]:offsets[i + 1]].tolist() for i in rows],
+                        [int(plens[i]) for i in rows], [int(pidx[i]) for i in rows])
+    return len(order)

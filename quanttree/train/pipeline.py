@@ -44,10 +44,24 @@ def logger(paths: TrainPaths):
     return log
 
 
+REPO_DATA = Path(__file__).resolve().parents[2] / "data"  # packed training sets committed to the repo
+
+
+def packed_data_file(target: str, quant: str) -> Path:
+    return REPO_DATA / f"{target}-{quant}.npz"
+
+
 def run_data_stage(engine, paths: TrainPaths, token_goal: int, gen_cfg=None, seed: int = 0) -> int:
-    """Generate target responses for the prompt pool until token_goal response tokens exist."""
-    from .datagen import GenConfig, generate_dataset
+    """Generate target responses for the prompt pool until token_goal response tokens exist.
+
+    A packed copy committed under data/ for this target and quant mode is unpacked first, so a
+    fresh machine continues from it instead of regenerating."""
+    from .datagen import GenConfig, generate_dataset, unpack_dataset
     from .prompts import build_pool
+
+    packed = packed_data_file(engine.loaded.source, engine.quant)
+    if packed.exists() and not any(paths.data.glob("shard-*.npz")):
+        logger(paths)(f"data: unpacking {unpack_dataset(packed, paths.data)} sequences from {packed}")
 
     if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
         raise QuanttreeError("train-drafter needs a chat model with a chat template to regenerate responses")

@@ -1,0 +1,97 @@
+"""Tree-size policies: how many of the drafted nodes to verify this round.
+
+All work on Phi(n), the expected accepted draft tokens of the best n nodes (the sum of their
+calibrated path probabilities, nodes taken in best-first pop order), and on a verify-cost curve
+C_v(n + 1) (root included). Throughput of a round with n nodes:
+
+    theta(n) = (1 + Phi(n)) / (C_fixed + C_v(n + 1))
+
+where C_fixed is the draft pass plus per-round overhead (zero for a round that does not draft).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .tree import Tree
+
+
+def pop_order(tree: Tree) -> torch.Tensor:
+    """Non-root node indices in best-first order (score descending, shallower first on ties)."""
+    scores = tree.scores[1:]
+    # stable sort on depth first, then on score: ties keep the shallower (parent) first
+    by_depth = torch.argsort(tree.depths[1:], stable=True)
+    order = by_depth[torch.argsort(scores[by_depth], descending=True, stable=True)]
+    return order + 1
+
+
+def expected_gain(path_probs: np.ndarray) -> np.ndarray:
+    """Phi(n) for n = 0..N from path probabilities in pop order. [N] -> [N+1]"""
+    return np.concatenate([[0.0], np.cumsum(path_probs)])
+
+
+def throughput(phi: np.ndarray, verify: np.ndarray, fixed_ms: float) -> np.ndarray:
+    """theta(n) for n = 0..N; verify[n] = C_v(n + 1 tokens). phi, verify: [N+1] (the shorter wins)"""
+    m = min(phi.size, verify.size)
+    return (1.0 + phi[:m]) / (fixed_ms + verify[:m])
+
+
+def best_size(phi: np.ndarray, verify: np.ndarray, fixed_ms: float) -> int:
+    """Exact argmax of theta over n = 0..N on the given (raw, possibly non-convex) curve."""
+    return int(np.argmax(throughput(phi, verify, fixed_ms)))
+
+
+def greedy_size(phi: np.ndarray, verify: np.ndarray, fixed_ms: float) -> int:
+    """CaDDTree's rule: keep adding the next node while theta grows; stop at the first decrease.
+    Exact when Phi is concave and C_v convex; can stop early on a non-convex curve."""
+    theta = throughput(phi, verify, fixed_ms)
+    n = 0
+    while n + 1 < theta.size and theta[n + 1] > theta[n]:
+        n += 1
+    return n
+
+
+def prune(tree: Tree, n: int) -> Tree:
+    """The tree of the n best nodes (prefix-closed: a parent always pops before its child)."""
+    if n >= tree.size:
+        return tree
+    keep = torch.sort(pop_order(tree)[:n]).values  # original indices, still parents-first
+    keep = torch.cat([torch.zeros(1, dtype=torch.long, device=keep.device), keep])
+    new_index = torch.full((tree.size + 1,), -1, dtype=torch.long, device=keep.device)
+    new_index[keep] = torch.arange(keep.numel(), device=keep.device)
+    parents = tree.parents[keep]
+    parents = torch.where(parents >= 0, new_index[parents.clamp(min=0)], parents)
+    return Tree(tree.tokens[keep], parents, tree.depths[keep], tree.scores[keep])
+
+
+class AcceptanceCalibrator:
+    """Per-depth correction of the drafter's path probabilities from observed acceptance.
+
+    Predicted: sum of p(v) over verified nodes at depth d (expected accepted at d).
+    Observed: 1 if the round accepted >= d tokens. Both are exponential moving averages; the
+    factor observed/predicted multiplies p(v) of depth-d nodes (clipped to [0.02, 3])."""
+
+    def __init__(self, depths: int, ema: float = 0.05, prior: float = 1.0):
+        self.predicted = np.full(depths, prior)
+        self.observed = np.full(depths, prior)
+        self.ema = ema
+
+    def factors(self) -> np.ndarray:
+        return np.clip(self.observed / np.maximum(self.predicted, 1e-6), 0.02, 3.0)
+
+    def calibrate(self, probs: np.ndarray, depths: np.ndarray) -> np.ndarray:
+        """Calibrated path probabilities for nodes at the given depths (1-based). [N] -> [N]"""
+        return np.clip(probs * self.factors()[depths - 1], 0.0, 1.0)
+
+    def update(self, tree: Tree, accept_len: int) -> None:
+        if tree.size == 0:
+            return
+        depths = tree.depths[1:].cpu().numpy()
+        probs = tree.scores[1:].exp().cpu().numpy()
+        predicted = np.bincount(depths - 1, weights=probs, minlength=self.predicted.size)[: self.predicted.size]
+        reached = depths.max()
+        observed = (np.arange(1, self.predicted.size + 1) <= accept_len).astype(float)
+        mask = np.arange(1, self.predicted.size + 1) <= reached  # only depths the tree tested
+        self.predicted[mask] = (1 - self.ema) * self.predicted[mask] + self.ema * predicted[mask]
+        self.observed[mask] = (1 - self.ema) * self.observed[mask] + self.ema * observed[mask]

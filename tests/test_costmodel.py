@@ -1,0 +1,117 @@
+"""Issue 5 (pure parts): cost fits, size rules, pruning, calibration, profile persistence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from quanttree.costmodel import CostModel, CostProfile, convex_monotone_fit, violations
+from quanttree.policy import AcceptanceCalibrator, best_size, expected_gain, greedy_size, pop_order, prune
+from quanttree.tree import build_tree
+
+SIZES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+
+
+def is_monotone_convex(x, y, tol=1e-6):
+    slopes = np.diff(y) / np.diff(x)
+    return (slopes >= -tol).all() and (np.diff(slopes) >= -tol).all()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fit_is_monotone_convex_and_close(seed):
+    rng = np.random.default_rng(seed)
+    truth = 30 + 0.8 * np.array(SIZES) + 0.01 * np.array(SIZES) ** 2
+    noisy = truth * (1 + 0.08 * rng.standard_normal(len(SIZES)))
+    fit = convex_monotone_fit(SIZES, list(noisy))
+    assert is_monotone_convex(np.array(SIZES, float), np.array(fit))
+    assert np.abs(np.array(fit) - truth).mean() < np.abs(noisy - truth).mean() * 1.2
+    exact = convex_monotone_fit(SIZES, list(truth))  # already convex: the fit returns it
+    np.testing.assert_allclose(exact, truth, rtol=1e-6)
+
+
+def test_violations_name_the_jump():
+    curve = [30, 80, 82, 84, 88, 92, 100, 108, 124, 140, 172, 204]  # bitsandbytes-like jump after n=1
+    found = violations(SIZES, curve)
+    assert any(v["kind"] == "concave" and v["at_size"] == 2 for v in found)
+    assert violations(SIZES, list(30 + 2.0 * np.array(SIZES))) == []
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_greedy_equals_argmax_on_convex_inputs(seed):
+    rng = np.random.default_rng(seed)
+    probs = np.sort(rng.uniform(0, 1, 63))[::-1] ** 2  # pop order: non-increasing -> Phi concave
+    phi = expected_gain(probs)
+    n = np.arange(1, 65)
+    verify = 20 + rng.uniform(0.1, 2) * n + rng.uniform(0, 0.05) * n ** 2  # convex, increasing
+    fixed = rng.uniform(0, 30)
+    assert greedy_size(phi, verify, fixed) == best_size(phi, verify, fixed)
+
+
+def test_nonconvex_jump_greedy_stops_early_exact_finds_optimum():
+    probs = np.array([0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4] + [0.05] * 56)
+    phi = expected_gain(probs)
+    n = np.arange(1, 65)
+    verify = np.where(n == 1, 30.0, 75.0 + 0.5 * n)  # a kernel switch makes 2 tokens cost 2.5x one
+    assert greedy_size(phi, verify, 5.0) == 0
+    best = best_size(phi, verify, 5.0)
+    theta = (1 + phi) / (5.0 + verify[: phi.size])
+    assert best == int(np.argmax(theta)) and best >= 6 and theta[best] > theta[0] * 1.5
+
+
+def test_worthless_speculation_picks_zero():
+    phi = expected_gain(np.full(32, 0.01))
+    verify = 40 + 5.0 * np.arange(1, 34)
+    assert best_size(phi, verify, 20.0) == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_prune_equals_smaller_budget(seed):
+    gen = torch.Generator().manual_seed(seed)
+    lp = torch.log_softmax(torch.randn(6, 7, generator=gen) * 2, -1)
+    big = build_tree(lp, root=3, budget=40)
+    for n in (0, 1, 5, 17, 40):
+        small = prune(big, n)
+        ref = build_tree(lp, root=3, budget=n) if n else None
+        seqs = lambda t: {tuple(int(t.tokens[j]) for j in path(t, i)) for i in range(1, t.size + 1)}  # noqa: E731
+        assert small.size == n
+        if ref is not None:
+            assert seqs(small) == seqs(ref)
+        assert all(0 <= int(small.parents[i]) < i for i in range(1, small.size + 1))
+    order = pop_order(big)
+    assert (big.scores[order][:-1] >= big.scores[order][1:]).all()
+
+
+def path(tree, i):
+    out = []
+    while i > 0:
+        out.append(i)
+        i = int(tree.parents[i])
+    return out[::-1]
+
+
+def test_calibrator_learns_overconfidence():
+    lp = torch.log_softmax(torch.tensor([[4.0, 0, 0], [4.0, 0, 0], [4.0, 0, 0]]), -1)
+    tree = build_tree(lp, root=0, budget=3)  # a chain of confident nodes, p ~ 0.96, 0.93, 0.89
+    cal = AcceptanceCalibrator(depths=3)
+    for _ in range(300):
+        cal.update(tree, accept_len=1)  # the target only ever accepts the first token
+    f = cal.factors()
+    assert 0.9 < f[0] < 1.1 and f[1] < 0.1 and f[2] < 0.1
+    calibrated = cal.calibrate(np.array([0.9, 0.9]), np.array([1, 2]))
+    assert calibrated[1] < 0.1
+
+
+def test_profile_round_trip_and_online_correction(tmp_path):
+    profile = CostProfile(key={"model": "m", "quant": "nf4"}, sizes=SIZES, contexts=[128, 512],
+                          verify_ms=[[30 + s for s in SIZES], [40 + 2 * s for s in SIZES]], draft_ms=[10.0, 12.0])
+    model = CostModel(profile)
+    assert model.verify_ms(8, 128) == pytest.approx(38)
+    assert model.verify_ms(8, 320) == pytest.approx((38 + 56) / 2)
+    assert model.verify_ms(5, 128) == pytest.approx(35)
+    loaded = CostModel.load(model.save(tmp_path / "p.json"))
+    assert loaded.profile == profile
+    for _ in range(100):
+        loaded.observe(8, 128, 2 * 38.0)  # the machine got twice as slow
+    assert loaded.verify_ms(8, 128) == pytest.approx(76, rel=0.01)
+    assert loaded.draft_ms(128) == pytest.approx(20, rel=0.01)
