@@ -28,10 +28,14 @@ class CostProfile:
     draft_ms: list[float]  # [context], one drafter pass
     overhead_ms: float = 0.0  # per round outside the two forwards (tree build, walk, compaction)
     fitted_ms: list[list[float]] = field(default_factory=list)  # monotone convex fit of verify_ms
+    shape: dict = field(default_factory=dict)  # model shape and weight bytes, for the roofline estimate
+    roofline: list[float] = field(default_factory=list)  # a_c, b_c, a_m, b_m fitted on the grid
 
     def __post_init__(self):
         if not self.fitted_ms:
             self.fitted_ms = [convex_monotone_fit(self.sizes, row) for row in self.verify_ms]
+        if not self.roofline and self.shape:
+            self.roofline = fit_roofline(self)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -105,6 +109,48 @@ def violations(sizes: list[int], values: list[float], tolerance: float = 0.05) -
     return out
 
 
+BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "nf4": 0.53, "fp4": 0.53}
+
+
+def model_shape(model, quant: str) -> dict:
+    """What the roofline estimate needs from a target: sizes and weight bytes per parameter."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    embed = model.get_input_embeddings().weight.numel()
+    params = sum(p.numel() for p in model.parameters())
+    return {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size,
+            "kv_dim": (getattr(cfg, "num_key_value_heads", heads) or heads) * head_dim, "q_dim": heads * head_dim,
+            "params": params - embed, "bytes_per_param": BYTES_PER_PARAM.get(quant, 2.0),
+            "act_bytes": 4.0 if quant == "fp32" else 2.0}
+
+
+def roofline_terms(shape: dict, tokens: int, context: int) -> tuple[float, float]:
+    """(FLOPs, bytes) of one forward over `tokens` new tokens after `context` cached ones."""
+    s, c, h = tokens, context, shape["hidden"]
+    flops = 2.0 * shape["params"] * s  # weight matmuls
+    flops += 2.0 * shape["vocab"] * h * s  # lm_head over every verified token
+    flops += 4.0 * shape["layers"] * shape["q_dim"] * s * (c + s)  # scores + weighted values
+    weights = shape["params"] * shape["bytes_per_param"] + shape["vocab"] * h * shape["act_bytes"]
+    kv = 2.0 * shape["layers"] * shape["kv_dim"] * (c + s) * shape["act_bytes"]
+    acts = 8.0 * shape["layers"] * h * s * shape["act_bytes"]
+    return flops, weights + kv + acts
+
+
+def fit_roofline(profile: "CostProfile") -> list[float]:
+    """BASTION's calibration: C_hat = max(a_c t_compute + b_c, a_m t_memory + b_m), each branch
+    fitted by least squares on the measured (size, context) grid (t in nominal units)."""
+    rows = [(roofline_terms(profile.shape, n, c), ms) for c, row in zip(profile.contexts, profile.verify_ms)
+            for n, ms in zip(profile.sizes, row)]
+    y = np.array([ms for _, ms in rows])
+    coef = []
+    for k in (0, 1):
+        t = np.array([terms[k] for terms, _ in rows]) / 1e9
+        a, b = np.linalg.lstsq(np.stack([t, np.ones_like(t)], 1), y, rcond=None)[0]
+        coef += [max(float(a), 0.0), float(b)]
+    return coef
+
+
 def interp(x: float, xs: list[float], ys: list[float]) -> float:
     """Piecewise-linear interpolation, linear extrapolation past both ends."""
     if len(xs) == 1:
@@ -140,6 +186,12 @@ class CostModel:
         """C_v(n) for n = 1..max_tokens tokens. [max_tokens]"""
         return np.array([self.verify_ms(n, context, smooth) for n in range(1, max_tokens + 1)])
 
+    def roofline_ms(self, tokens: int, context: int) -> float:
+        """BASTION's calibrated roofline estimate of C_v (with the same online correction)."""
+        a_c, b_c, a_m, b_m = self.profile.roofline
+        flops, nbytes = roofline_terms(self.profile.shape, tokens, context)
+        return self.ratio * max(a_c * flops / 1e9 + b_c, a_m * nbytes / 1e9 + b_m)
+
     def draft_ms(self, context: int) -> float:
         return self.ratio * interp(context, self.profile.contexts, self.profile.draft_ms)
 
@@ -162,3 +214,73 @@ class CostModel:
 
 def median_ms(samples: list[float]) -> float:
     return 1000 * statistics.median(samples)
+
+
+def profile_key(engine) -> dict:
+    from .models import library_versions
+
+    return {"model": engine.loaded.path, "quant": engine.quant, "drafter_quant": engine.drafter_quant,
+            "device": str(engine.device), "threads": __import__("torch").get_num_threads(), **library_versions()}
+
+
+def profile_path(key: dict) -> Path:
+    from hashlib import sha256
+
+    from .models import cache_dir
+
+    digest = sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "profiles" / f"{Path(str(key['model'])).name}-{key['quant']}-{digest}.json"
+
+
+def measure_profile(engine, sizes=DEFAULT_SIZES, contexts=DEFAULT_CONTEXTS, repeats: int = 5, warmup: int = 2,
+                    progress: bool = True) -> CostProfile:
+    """Time verify forwards of tree-shaped inputs (ancestor masks, as in decoding) over a grid of
+    sizes and context lengths, and one drafter pass per context; medians after warm-ups."""
+    import torch
+    from tqdm import tqdm
+
+    from . import kvcache
+    from .decode import Clock, DraftContext
+    from .tree import build_tree, compile_tree
+
+    target, clock = engine.target, Clock(engine.device)
+    gen = torch.Generator().manual_seed(0)
+    limit = target.max_positions or 4096
+    contexts = [c for c in contexts if c + max(sizes) < limit] or [min(contexts)]
+    verify, draft = [], []
+    bar = tqdm(total=len(contexts) * len(sizes), desc="calibrating verify cost", unit="size", disable=not progress)
+    for context in contexts:
+        cache = kvcache.new_target_cache(target.model)
+        prompt = torch.randint(0, target.vocab_size, (1, context), generator=gen)
+        out = target.forward(prompt, torch.arange(context)[None], cache, last_only=True,
+                             feature_layers=tuple(engine.drafter.config.target_layer_ids) if engine.drafter else ())
+        row = []
+        for size in sizes:
+            lp = torch.log_softmax(torch.randn(15, 64, generator=gen) * 2, -1)
+            inputs = compile_tree(build_tree(lp, 1, size - 1), context, target.dtype)
+            samples = []
+            for rep in range(warmup + repeats):
+                t0 = clock()
+                target.forward(inputs.input_ids, inputs.position_ids, cache, inputs.attention_mask)
+                if rep >= warmup:
+                    samples.append(clock() - t0)
+                kvcache.crop(cache, context)
+            row.append(median_ms(samples))
+            bar.update(1)
+        verify.append(row)
+        if engine.drafter is not None:
+            ctx = DraftContext(engine.drafter, target)
+            ctx.commit(out.features, torch.arange(context))
+            ctx.log_probs(1, context)  # absorbs the context
+            samples = []
+            for rep in range(warmup + repeats):
+                t0 = clock()
+                ctx.log_probs(1, context)
+                if rep >= warmup:
+                    samples.append(clock() - t0)
+            draft.append(median_ms(samples))
+        else:
+            draft.append(0.0)
+    bar.close()
+    return CostProfile(key=profile_key(engine), sizes=list(sizes), contexts=list(contexts), verify_ms=verify,
+                       draft_ms=draft, overhead_ms=1.0, shape=model_shape(target.model, engine.quant))

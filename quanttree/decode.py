@@ -16,11 +16,12 @@ from . import kvcache
 from .drafter import DFlashDrafter
 from .errors import QuanttreeError
 from .kvcache import ContextKV
+from .policy import ADAPTIVE_METHODS, TreeSizer
 from .sampling import SamplingParams, make_generator, select_tokens
 from .target import Target
 from .tree import Tree, build_chain, build_tree, compile_tree, map_tokens, root_only, walk
 
-DRAFT_METHODS = ("dflash", "ddtree")
+DRAFT_METHODS = ("dflash", "ddtree") + ADAPTIVE_METHODS
 METHODS = ("ar",) + DRAFT_METHODS
 
 
@@ -29,7 +30,7 @@ class DecodeConfig:
     method: str = "ar"
     max_new_tokens: int = 128
     sampling: SamplingParams = SamplingParams()
-    budget: int = 32  # ddtree node budget (drafted nodes, root excluded)
+    budget: int = 32  # ddtree node budget; the cap for adaptive methods (drafted nodes, root excluded)
     eos_token_ids: frozenset[int] = frozenset()
 
 
@@ -78,7 +79,7 @@ class DraftContext:
     def __init__(self, drafter: DFlashDrafter, target: Target):
         self.drafter, self.target = drafter, target
         self.cache = ContextKV(drafter.config.num_hidden_layers)
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         mask = drafter.mask_embedding
         if mask is None:
             mask = target.embed(torch.tensor([drafter.config.mask_token_id], device=target.device))[0]
@@ -88,17 +89,18 @@ class DraftContext:
         self.head = head.detach()[self.vocab] if self.vocab is not None else None  # [N, H] rows of the lm_head
 
     def commit(self, features: torch.Tensor, positions: torch.Tensor) -> None:
-        """Queue committed tokens' target features [c, k*H] at positions [c]."""
-        self.pending = (features, positions)
+        """Queue committed tokens' target features [c, k*H] at positions [c] (until the next draft)."""
+        self.pending.append((features, positions))
 
     @torch.inference_mode()
     def log_probs(self, root: int, start: int) -> torch.Tensor:
         """Per-depth draft marginals for depths 1..B-1 after root at position start.
         -> [B-1, V], or [B-1, N] over the draft vocabulary (map indices with `self.vocab`)."""
-        if self.pending is not None:
-            features, positions = self.pending
+        if self.pending:
+            features = torch.cat([f for f, _ in self.pending])
+            positions = torch.cat([p for _, p in self.pending])
             self.drafter.extend_context(self.cache, features[None], positions)
-            self.pending = None
+            self.pending = []
         block = self.drafter.config.block_size
         root_embed = self.target.embed(torch.tensor([root], device=self.target.device)).to(self.drafter.dtype)
         embeds = torch.cat([root_embed, self.mask_embed.expand(block - 1, -1)])[None]  # [1, B, H]
@@ -112,9 +114,9 @@ class DraftContext:
 
 
 def propose(method: str, draft: DraftContext | None, root: int, start: int, cfg: DecodeConfig,
-            clock: Clock, times: PhaseTimes) -> Tree:
+            clock: Clock, times: PhaseTimes, sizer: TreeSizer | None = None) -> Tree:
     """Draft and shape the tree to verify this round."""
-    if method == "ar" or draft is None:
+    if method == "ar" or draft is None or (sizer is not None and not sizer.should_draft(start)):
         return root_only(root)
     t0 = clock()
     log_probs = draft.log_probs(root, start)
@@ -123,6 +125,8 @@ def propose(method: str, draft: DraftContext | None, root: int, start: int, cfg:
         tree = build_chain(log_probs, root)
     else:
         tree = build_tree(log_probs, root, cfg.budget)
+    if sizer is not None:
+        tree = sizer.choose(tree, start)
     if draft.vocab is not None:
         tree = map_tokens(tree, draft.vocab)
     times.draft += t1 - t0
@@ -140,12 +144,16 @@ def finish(tokens: list[int], produced: int, cfg: DecodeConfig) -> tuple[list[in
 
 
 def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
-           cfg: DecodeConfig) -> Iterator[Step]:
-    """Yield one Step per target forward until EOS or max_new_tokens."""
+           cfg: DecodeConfig, sizer: TreeSizer | None = None) -> Iterator[Step]:
+    """Yield one Step per target forward until EOS or max_new_tokens.
+
+    sizer: required by the adaptive methods (caddtree, bastion, auto); it chooses tree sizes."""
     if cfg.method not in METHODS:
         raise QuanttreeError(f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")
     if cfg.method != "ar" and drafter is None:
         raise QuanttreeError(f"method {cfg.method!r} needs a drafter: load(..., drafter=PATH) or use method='ar'")
+    if cfg.method in ADAPTIVE_METHODS and sizer is None:
+        raise QuanttreeError(f"method {cfg.method!r} needs a cost model: use Engine.generate, which calibrates one")
     device = target.device
     clock = Clock(device)
     gen = make_generator(cfg.sampling, device)
@@ -169,7 +177,7 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
     while finished is None:
         t0 = clock()
         times = PhaseTimes()
-        tree = propose(cfg.method, draft, root, start, cfg, clock, times)
+        tree = propose(cfg.method, draft, root, start, cfg, clock, times, sizer)
         inputs = compile_tree(tree, start, target.dtype)
         t1 = clock()
         out = target.forward(inputs.input_ids, inputs.position_ids, cache, inputs.attention_mask, layers)
@@ -185,6 +193,9 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
         t3 = clock()
         times.walk += t3 - t2
         times.build = (t1 - t0) - times.draft  # tree building includes compiling it
+        if sizer is not None:
+            sizer.observe(tree, accepted.accept_len, tree.size + 1, start, 1000 * (t2 - t1),
+                          1000 * (times.build + times.walk))
         yield Step(tokens=tokens, tree_size=tree.size, accept_len=accepted.accept_len, times=times,
                    seconds=t3 - t0, finished=finished, tree=tree, path=accepted.path)
         produced += len(tokens)

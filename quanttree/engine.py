@@ -11,9 +11,11 @@ import torch
 from .decode import METHODS, DecodeConfig, PhaseTimes, Step, decode
 from .drafter import DFlashDrafter, build_drafter, check_fits_target, quantize_linears, read_draft_vocab, \
     read_drafter, resolve_drafter_dir
+from .costmodel import CostModel, measure_profile, profile_key, profile_path
 from .errors import QuanttreeError
 from .models import BNB_MODES, DEFAULT_TARGET, EMBEDDED_MODELS, LoadedTarget, compute_dtype, load_target, \
     resolve_quant
+from .policy import ADAPTIVE_METHODS, TreeSizer
 from .sampling import SamplingParams
 from .target import Target
 
@@ -107,6 +109,28 @@ class Engine:
         self.quant = loaded.quant
         self.drafter_quant = drafter_quant
         self.eos_token_ids = _eos_ids(loaded.model, loaded.tokenizer)
+        self._cost: CostModel | None = None
+        self._sizers: dict[tuple[str, int], TreeSizer] = {}
+
+    def cost_model(self, progress: bool = True, remeasure: bool = False) -> CostModel:
+        """This engine's measured cost model: cached in memory and on disk (keyed by model, quant
+        modes, device, threads and library versions); measured on first use."""
+        if self._cost is None or remeasure:
+            path = profile_path(profile_key(self))
+            if path.exists() and not remeasure:
+                self._cost = CostModel.load(path)
+            else:
+                self._cost = CostModel(measure_profile(self, progress=progress))
+                self._cost.save(path)
+        return self._cost
+
+    def sizer(self, method: str, budget: int) -> TreeSizer:
+        """The tree-size policy state for an adaptive method (kept across calls: it learns)."""
+        key = (method, budget)
+        if key not in self._sizers:
+            self._sizers[key] = TreeSizer(method, self.cost_model(), cap=budget,
+                                          depths=self.drafter.config.block_size - 1)
+        return self._sizers[key]
 
     @property
     def device(self) -> torch.device:
@@ -166,7 +190,8 @@ class Engine:
         stats = Stats(method=cfg.method, prompt_tokens=len(prompt_ids))
         ids: list[int] = []
         shown = ""
-        for step in decode(self.target, self.drafter, prompt_ids, cfg):
+        sizer = self.sizer(cfg.method, cfg.budget) if cfg.method in ADAPTIVE_METHODS else None
+        for step in decode(self.target, self.drafter, prompt_ids, cfg, sizer):
             stats.add(step)
             ids.extend(step.tokens)
             text = self._text(ids)

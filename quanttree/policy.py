@@ -95,3 +95,72 @@ class AcceptanceCalibrator:
         mask = np.arange(1, self.predicted.size + 1) <= reached  # only depths the tree tested
         self.predicted[mask] = (1 - self.ema) * self.predicted[mask] + self.ema * predicted[mask]
         self.observed[mask] = (1 - self.ema) * self.observed[mask] + self.ema * observed[mask]
+
+
+ADAPTIVE_METHODS = ("caddtree", "bastion", "auto")
+
+
+class TreeSizer:
+    """Chooses each round's tree size from the cost model and the calibrated surrogate.
+
+    caddtree: the greedy stopping rule on the convex fit of C_v.
+    bastion:  the greedy rule on the calibrated roofline estimate, never below `min_nodes`.
+    auto:     the exact argmax on the raw measured table, n = 0 included; before drafting it
+              compares the expected throughput of speculation (from recent rounds) with plain
+              decoding and skips the drafter when speculation does not pay (probing every
+              `probe_every` rounds so it notices when that changes).
+    """
+
+    def __init__(self, method: str, cost, cap: int, depths: int, probe_every: int = 8, min_nodes: int = 0):
+        self.method, self.cost, self.cap = method, cost, cap
+        self.calibrator = AcceptanceCalibrator(depths)
+        self.expected_phi: np.ndarray | None = None
+        self.overhead_ms = cost.profile.overhead_ms
+        self.probe_every, self.min_nodes = probe_every, min_nodes
+        self.skipped = 0
+        self.chosen: list[int] = []
+
+    def _curve(self, context: int, smooth: bool) -> np.ndarray:
+        if self.method == "bastion":
+            return np.array([self.cost.roofline_ms(n, context) for n in range(1, self.cap + 2)])
+        return self.cost.verify_curve(self.cap + 1, context, smooth=smooth)
+
+    def should_draft(self, context: int) -> bool:
+        if self.method != "auto" or self.expected_phi is None:
+            return True
+        verify = self._curve(context, smooth=False)
+        fixed = self.cost.draft_ms(context) + self.overhead_ms
+        spec = throughput(self.expected_phi, verify, fixed)[1:].max(initial=0.0)
+        if spec > 1.0 / verify[0] or self.skipped + 1 >= self.probe_every:
+            self.skipped = 0
+            return True
+        self.skipped += 1
+        self.chosen.append(0)
+        return False
+
+    def choose(self, tree: Tree, context: int) -> Tree:
+        """Prune the drafted tree to the size this method picks."""
+        order = pop_order(tree)
+        probs = self.calibrator.calibrate(tree.scores[order].exp().cpu().numpy(),
+                                          tree.depths[order].cpu().numpy())
+        phi = expected_gain(probs)
+        fixed = self.cost.draft_ms(context) + self.overhead_ms
+        if self.method == "auto":
+            n = best_size(phi, self._curve(context, smooth=False), fixed)
+        else:
+            n = max(greedy_size(phi, self._curve(context, smooth=True), fixed), min(self.min_nodes, tree.size))
+        self.expected_phi = phi if self.expected_phi is None else _ema_curve(self.expected_phi, phi)
+        self.chosen.append(n)
+        return prune(tree, n)
+
+    def observe(self, tree: Tree, accept_len: int, tokens: int, context: int, verify_ms: float,
+                overhead_ms: float) -> None:
+        self.calibrator.update(tree, accept_len)
+        self.cost.observe(tokens, context, verify_ms)
+        self.overhead_ms = 0.9 * self.overhead_ms + 0.1 * overhead_ms
+
+
+def _ema_curve(old: np.ndarray, new: np.ndarray, ema: float = 0.2) -> np.ndarray:
+    size = max(old.size, new.size)
+    pad = lambda a: np.concatenate([a, np.full(size - a.size, a[-1])])  # noqa: E731
+    return (1 - ema) * pad(old) + ema * pad(new)

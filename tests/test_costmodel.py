@@ -115,3 +115,33 @@ def test_profile_round_trip_and_online_correction(tmp_path):
         loaded.observe(8, 128, 2 * 38.0)  # the machine got twice as slow
     assert loaded.verify_ms(8, 128) == pytest.approx(76, rel=0.01)
     assert loaded.draft_ms(128) == pytest.approx(20, rel=0.01)
+
+
+# ---------------------------------------------------------------- adaptive methods in the decode loop
+
+def test_adaptive_methods_are_lossless_and_auto_falls_back_to_ar(tiny_dirs, tmp_path, monkeypatch):
+    import quanttree
+    from quanttree.costmodel import measure_profile
+
+    monkeypatch.setenv("QUANTTREE_CACHE", str(tmp_path / "cache"))
+    engine = quanttree.load(str(tiny_dirs["qwen3"]), drafter=str(tiny_dirs["qwen3-drafter"]), quant="fp32",
+                            device="cpu")
+    profile = measure_profile(engine, sizes=(1, 2, 4, 8, 16), contexts=(16, 64), repeats=2, warmup=1,
+                              progress=False)
+    assert len(profile.verify_ms) == 2 and len(profile.verify_ms[0]) == 5 and all(d > 0 for d in profile.draft_ms)
+    assert len(profile.roofline) == 4
+    ar = engine.generate("the cat sat on", method="ar", max_new_tokens=30, chat=False)
+    for method in ("caddtree", "bastion", "auto"):
+        out = engine.generate("the cat sat on", method=method, budget=16, max_new_tokens=30, chat=False)
+        assert out.token_ids == ar.token_ids, method
+    assert any(p.name.endswith(".json") for p in (tmp_path / "cache" / "profiles").iterdir())
+    # a cost model where every drafted node is ruinous: auto must decode exactly like AR
+    worthless = CostProfile(key={}, sizes=[1, 2, 64], contexts=[1, 4096],
+                            verify_ms=[[10.0, 1e4, 1e6], [10.0, 1e4, 1e6]], draft_ms=[1e3, 1e3])
+    engine._cost = CostModel(worthless)
+    engine._sizers.clear()
+    out = engine.generate("the cat sat on", method="auto", budget=16, max_new_tokens=30, chat=False)
+    assert out.token_ids == ar.token_ids
+    assert out.stats.tree_nodes == 0 and out.stats.target_forwards == len(out.token_ids)
+    sizer = engine._sizers[("auto", 16)]
+    assert set(sizer.chosen) == {0}
