@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="no chat template: continue the text as is")
     gen.add_argument("--compare", action="store_true", help="also run plain autoregressive decoding, print speedup")
     sub.add_parser("info", help="device, library versions, quant modes and bitsandbytes kernel paths")
+    cal = sub.add_parser("calibrate", help="measure verify/draft cost per quant mode, fit it, plot it")
+    cal.add_argument("--target", default=DEFAULT_TARGET)
+    cal.add_argument("--quant", default="auto", help="comma list of quant modes, e.g. fp32,bf16,int8,nf4")
+    cal.add_argument("--drafter", default="auto")
+    cal.add_argument("--drafter-quant", default=None, choices=QUANT_MODES)
+    cal.add_argument("--device", default=None)
+    cal.add_argument("--plot", default="verify_cost.png", help="PNG of C_v(n) per quant mode ('' = none)")
     train = sub.add_parser("train-drafter", help="train a DFlash drafter for a target (resumable)")
     train.add_argument("--target", default=DEFAULT_TARGET)
     train.add_argument("--quant", default="auto", choices=QUANT_MODES, help="target mode for data and features")
@@ -129,7 +136,35 @@ def cmd_train_drafter(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info, "train-drafter": cmd_train_drafter}
+def cmd_calibrate(args) -> int:
+    from .costmodel import violations
+    from .engine import load
+
+    measured = {}
+    for quant in args.quant.split(","):
+        if quant not in QUANT_MODES:
+            raise QuanttreeError(f"unknown quant mode {quant!r}: choose from {', '.join(QUANT_MODES)}")
+        drafter = None if args.drafter == "none" else args.drafter
+        engine = load(target=args.target, drafter=drafter, quant=quant, drafter_quant=args.drafter_quant,
+                      device=args.device, log=lambda msg: print(msg, file=sys.stderr))
+        profile = engine.cost_model(progress=True, remeasure=True).profile
+        measured[engine.quant] = profile
+        print(f"\n[{engine.quant}] verify ms by tokens (context {profile.contexts[0]}), draft "
+              f"{profile.draft_ms[0]:.1f} ms")
+        print("  tokens: " + " ".join(f"{n:>6}" for n in profile.sizes))
+        print("  raw:    " + " ".join(f"{v:6.1f}" for v in profile.verify_ms[0]))
+        print("  fit:    " + " ".join(f"{v:6.1f}" for v in profile.fitted_ms[0]))
+        for v in violations(profile.sizes, profile.verify_ms[0]):
+            print(f"  not convex/monotone: {v}")
+    if args.plot:
+        from .plots import plot_verify_costs
+
+        print(f"plot: {plot_verify_costs(measured, args.plot)}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "info": cmd_info, "train-drafter": cmd_train_drafter,
+            "calibrate": cmd_calibrate}
 
 
 def main(argv: list[str] | None = None) -> int:

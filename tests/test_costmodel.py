@@ -145,3 +145,15 @@ def test_adaptive_methods_are_lossless_and_auto_falls_back_to_ar(tiny_dirs, tmp_
     assert out.stats.tree_nodes == 0 and out.stats.target_forwards == len(out.token_ids)
     sizer = engine._sizers[("auto", 16)]
     assert set(sizer.chosen) == {0}
+
+
+def test_cli_calibrate_prints_curve_and_plots(tiny_dirs, tmp_path, monkeypatch, capsys):
+    from quanttree.cli import main
+
+    monkeypatch.setenv("QUANTTREE_CACHE", str(tmp_path / "cache"))
+    plot = tmp_path / "cv.png"
+    code = main(["calibrate", "--target", str(tiny_dirs["llama"]), "--drafter", str(tiny_dirs["llama-drafter"]),
+                 "--quant", "fp32,nf4", "--plot", str(plot)])
+    out = capsys.readouterr().out
+    assert code == 0 and "[fp32]" in out and "[nf4]" in out and "fit:" in out
+    assert plot.stat().st_size > 10_000
