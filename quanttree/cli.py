@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--drafter-quant", default=None, choices=QUANT_MODES)
     cal.add_argument("--device", default=None)
     cal.add_argument("--plot", default="verify_cost.png", help="PNG of C_v(n) per quant mode ('' = none)")
+    app = sub.add_parser("app", help="web app: plain decoding vs tree speculation side by side")
+    app.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
+    app.add_argument("--port", type=int, default=7860)
+    app.add_argument("--target", default=DEFAULT_TARGET)
+    app.add_argument("--drafter", default="auto")
+    app.add_argument("--device", default=None)
     train = sub.add_parser("train-drafter", help="train a DFlash drafter for a target (resumable)")
     train.add_argument("--target", default=DEFAULT_TARGET)
     train.add_argument("--quant", default="auto", choices=QUANT_MODES, help="target mode for data and features")
@@ -163,7 +169,25 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info, "train-drafter": cmd_train_drafter,
+def cmd_app(args) -> int:
+    import importlib.util
+    from pathlib import Path
+
+    app_file = Path(__file__).resolve().parents[1] / "apps" / "app.py"
+    if importlib.util.find_spec("gradio") is None:
+        raise QuanttreeError("the app needs gradio: pip install 'quanttree[app]' (or bash scripts/install.sh)")
+    if not app_file.exists():
+        raise QuanttreeError(f"{app_file} not found: run the app from a clone of the quanttree repository")
+    spec = importlib.util.spec_from_file_location("quanttree_app", app_file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while executing it
+    spec.loader.exec_module(module)
+    module.main(host=args.host, port=args.port, target=args.target,
+                drafter=None if args.drafter == "none" else args.drafter, device=args.device)
+    return 0
+
+
+COMMANDS = {"app": cmd_app, "generate": cmd_generate, "info": cmd_info, "train-drafter": cmd_train_drafter,
             "calibrate": cmd_calibrate}
 
 
