@@ -44,3 +44,10 @@ def write_results(name: str, command: str, table: str, rows: list[dict]) -> Path
     md.write_text(header + table + "\n")
     (RESULTS / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return md
+
+
+def chat_prompts(n: int | None = None) -> list[str]:
+    """The chat suite written for measuring (never for training): 48 varied instructions."""
+    lines = (Path(__file__).parent / "chat_prompts.jsonl").read_text().splitlines()
+    prompts = [json.loads(line)["prompt"] for line in lines if line.strip()]
+    return prompts[:n] if n else prompts

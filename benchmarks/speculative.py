@@ -62,11 +62,13 @@ def run(args) -> list[dict]:
             engine.generate(prompts[0], method="dflash", max_new_tokens=8)
             for p_index, prompt in enumerate(prompts):
                 prompt_ids = engine.encode(prompt)
-                ar = engine.generate(prompt, method="ar", max_new_tokens=args.max_new_tokens)
-                rows.append(row_for(quant, dq, "ar", 0, p_index, ar, None))
+                ar = None
+                if not args.skip_ar:
+                    ar = engine.generate(prompt, method="ar", max_new_tokens=args.max_new_tokens)
+                    rows.append(row_for(quant, dq, "ar", 0, p_index, ar, None))
                 for method, budget in parse_methods(args.methods):
                     res = engine.generate(prompt, method=method, budget=budget, max_new_tokens=args.max_new_tokens)
-                    div = divergence(engine, prompt_ids, ar.token_ids, res.token_ids)
+                    div = divergence(engine, prompt_ids, ar.token_ids, res.token_ids) if ar else None
                     rows.append(row_for(quant, dq, method, budget, p_index, res, div, ar))
                 print(f"{quant}/{dq} prompt {p_index + 1}/{len(prompts)}", file=sys.stderr, flush=True)
     return rows
@@ -77,8 +79,9 @@ def row_for(quant, dq, method, budget, p_index, res, div, ar=None) -> dict:
     ph = s.phase_ms()
     return {"quant": quant, "drafter_quant": dq, "method": method, "budget": budget, "prompt": p_index,
             "tokens": s.new_tokens, "tps": s.decode_tokens_per_s, "tau": s.tau, "tree": s.mean_tree_size,
-            "rounds": s.rounds, "phase_ms": ph, "speedup": (s.decode_tokens_per_s / ar.stats.decode_tokens_per_s
-                                                            if ar is not None else 1.0),
+            "rounds": s.rounds, "phase_ms": ph,
+            "speedup": (s.decode_tokens_per_s / ar.stats.decode_tokens_per_s if ar is not None else
+                        (1.0 if method == "ar" else None)),
             "diverged": div, "accepted_at_depth": s.accepted_at_depth}
 
 
@@ -98,7 +101,7 @@ def summarize(rows: list[dict]) -> str:
         div_text = f"{len(divs)}/{len(rs)}" + (f" ({max(gaps):.3f})" if gaps else "")
         tau = sum(r["tokens"] - 1 for r in rs) / rounds
         tps = statistics.mean(r["tps"] for r in rs)
-        speed = statistics.mean(r["speedup"] for r in rs)
+        speed = statistics.mean(r["speedup"] for r in rs) if rs[0]["speedup"] is not None else float("nan")
         out.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3] or '-'} | {tps:.1f} | {speed:.2f}x | {tau:.2f} | "
                    f"{statistics.mean(r['tree'] for r in rs):.1f} | {per['draft']:.1f} | {per['verify']:.1f} | "
                    f"{per['build'] + per['walk']:.2f} | {100 * over:.1f}% | {div_text} |")
@@ -117,6 +120,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--device", default=None)
     parser.add_argument("--name", default="speculative")
+    parser.add_argument("--skip-ar", action="store_true", help="tau only: no AR baseline (no speedup, no checks)")
     args = parser.parse_args()
     rows = run(args)
     table = summarize(rows)
