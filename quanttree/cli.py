@@ -15,6 +15,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", default="auto", help="DFlash drafter dir or hub id; 'auto' = the one shipped for "
                    "the embedded target; 'none' = no drafter")
     p.add_argument("--drafter-quant", default=None, choices=QUANT_MODES, help="drafter weights (default: follow target)")
+    p.add_argument("--vp-drafter", default="auto", help="D2SD variable-prefix drafter dir ('auto' = shipped, 'none')")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
 
 
@@ -28,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     gen.add_argument("--method", default=None, choices=METHODS, help="decoding method (default: ddtree with a "
                      "drafter, else ar)")
-    gen.add_argument("--budget", type=int, default=32, help="tree node budget for ddtree")
+    gen.add_argument("--budget", type=int, default=32, help="tree node budget for ddtree (cap for adaptive methods)")
+    gen.add_argument("--branches", type=int, default=4, help="d2sd: rejection points re-drafted per round")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -78,11 +80,12 @@ def cmd_generate(args) -> int:
 
     drafter = None if args.drafter == "none" else args.drafter
     engine = load(target=args.target, drafter=drafter, quant=args.quant, drafter_quant=args.drafter_quant,
-                  device=args.device, log=lambda msg: print(msg, file=sys.stderr))
+                  device=args.device, vp_drafter=None if args.vp_drafter == "none" else args.vp_drafter,
+                  log=lambda msg: print(msg, file=sys.stderr))
     method = args.method or engine.default_method
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, seed=args.seed, stop=args.stop, budget=args.budget,
-                   chat=False if args.raw else None)
+                   chat=False if args.raw else None, branches=args.branches)
     event = None
     for event in engine.stream(args.prompt, method=method, **options):
         print(event.delta, end="", flush=True)

@@ -19,9 +19,10 @@ from .kvcache import ContextKV
 from .policy import ADAPTIVE_METHODS, TreeSizer
 from .sampling import SamplingParams, make_generator, select_tokens
 from .target import Target
-from .tree import Tree, build_chain, build_tree, compile_tree, map_tokens, root_only, walk
+from .tree import Tree, build_branch_tree, build_chain, build_tree, compile_tree, map_tokens, \
+    rejection_boundaries, root_only, walk
 
-DRAFT_METHODS = ("dflash", "ddtree") + ADAPTIVE_METHODS
+DRAFT_METHODS = ("dflash", "ddtree", "d2sd") + ADAPTIVE_METHODS
 METHODS = ("ar",) + DRAFT_METHODS
 
 
@@ -31,6 +32,7 @@ class DecodeConfig:
     max_new_tokens: int = 128
     sampling: SamplingParams = SamplingParams()
     budget: int = 32  # ddtree node budget; the cap for adaptive methods (drafted nodes, root excluded)
+    branches: int = 4  # d2sd: rejection points re-drafted per round
     eos_token_ids: frozenset[int] = frozenset()
 
 
@@ -92,37 +94,69 @@ class DraftContext:
         """Queue committed tokens' target features [c, k*H] at positions [c] (until the next draft)."""
         self.pending.append((features, positions))
 
-    @torch.inference_mode()
-    def log_probs(self, root: int, start: int) -> torch.Tensor:
-        """Per-depth draft marginals for depths 1..B-1 after root at position start.
-        -> [B-1, V], or [B-1, N] over the draft vocabulary (map indices with `self.vocab`)."""
+    def absorb(self) -> None:
+        """Extend the drafter's context cache with the committed features queued so far."""
         if self.pending:
             features = torch.cat([f for f, _ in self.pending])
             positions = torch.cat([p for _, p in self.pending])
             self.drafter.extend_context(self.cache, features[None], positions)
             self.pending = []
+
+    @torch.inference_mode()
+    def log_probs(self, root: int, start: int) -> torch.Tensor:
+        """Per-depth draft marginals for depths 1..B-1 after root at position start.
+        -> [B-1, V], or [B-1, N] over the draft vocabulary (map indices with `self.vocab`)."""
+        self.absorb()
         block = self.drafter.config.block_size
         root_embed = self.target.embed(torch.tensor([root], device=self.target.device)).to(self.drafter.dtype)
         embeds = torch.cat([root_embed, self.mask_embed.expand(block - 1, -1)])[None]  # [1, B, H]
         positions = torch.arange(start, start + block, device=self.target.device)
         hidden = self.drafter.forward_block(embeds, positions, self.cache)
+        return self._log_softmax(hidden[0, 1:])
+
+    def _log_softmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Drafter states [..., H] -> log-probs over the draft vocabulary (or the full one)."""
         if self.head is not None:
-            logits = hidden[0, 1:].to(self.head.dtype) @ self.head.T
+            logits = hidden.to(self.head.dtype) @ self.head.T
         else:
-            logits = self.target.lm_head(hidden[0, 1:])
+            logits = self.target.lm_head(hidden)
         return torch.log_softmax(logits.float(), dim=-1)
+
+    @torch.inference_mode()
+    def branch_log_probs(self, root: int, start: int, chain: torch.Tensor, prefixes: torch.Tensor) -> torch.Tensor:
+        """D2SD: re-draft K branches in ONE batched pass, branch k seeing root + chain[:prefixes[k]].
+
+        chain: [D] drafted tokens (draft-vocabulary indices when one is used); prefixes: [K].
+        -> [K, D, V] log-probs per slot (depths 1..D)."""
+        self.absorb()
+        block = self.drafter.config.block_size
+        ids = self.vocab[chain] if self.vocab is not None else chain
+        full = torch.cat([torch.tensor([root], device=ids.device), ids])  # [B]
+        embeds = self.target.embed(full).to(self.drafter.dtype)  # [B, H]
+        slot = torch.arange(block, device=ids.device)
+        visible = slot[None, :] <= prefixes[:, None]  # [K, B]: root + the first prefixes[k] tokens
+        x = torch.where(visible[..., None], embeds[None], self.mask_embed[None, None])  # [K, B, H]
+        positions = torch.arange(start, start + block, device=ids.device)
+        hidden = self.drafter.forward_block(x, positions, self.cache)
+        return self._log_softmax(hidden[:, 1:])
 
 
 def propose(method: str, draft: DraftContext | None, root: int, start: int, cfg: DecodeConfig,
-            clock: Clock, times: PhaseTimes, sizer: TreeSizer | None = None) -> Tree:
+            clock: Clock, times: PhaseTimes, sizer: TreeSizer | None = None,
+            second: DraftContext | None = None) -> Tree:
     """Draft and shape the tree to verify this round."""
     if method == "ar" or draft is None or (sizer is not None and not sizer.should_draft(start)):
         return root_only(root)
     t0 = clock()
     log_probs = draft.log_probs(root, start)
+    if method == "d2sd":  # re-draft from the likely rejection points, with the VP drafter if any
+        prefixes = rejection_boundaries(log_probs, cfg.branches)
+        branch_lp = (second or draft).branch_log_probs(root, start, log_probs.argmax(-1), prefixes)
     t1 = clock()
     if method == "dflash":
         tree = build_chain(log_probs, root)
+    elif method == "d2sd":
+        tree = build_branch_tree(log_probs, branch_lp, prefixes, root)
     else:
         tree = build_tree(log_probs, root, cfg.budget)
     if sizer is not None:
@@ -144,10 +178,12 @@ def finish(tokens: list[int], produced: int, cfg: DecodeConfig) -> tuple[list[in
 
 
 def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
-           cfg: DecodeConfig, sizer: TreeSizer | None = None) -> Iterator[Step]:
+           cfg: DecodeConfig, sizer: TreeSizer | None = None,
+           vp_drafter: DFlashDrafter | None = None) -> Iterator[Step]:
     """Yield one Step per target forward until EOS or max_new_tokens.
 
-    sizer: required by the adaptive methods (caddtree, bastion, auto); it chooses tree sizes."""
+    sizer: required by the adaptive methods (caddtree, bastion, auto); it chooses tree sizes.
+    vp_drafter: D2SD's variable-prefix drafter (d2sd without it re-drafts with `drafter`)."""
     if cfg.method not in METHODS:
         raise QuanttreeError(f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")
     if cfg.method != "ar" and drafter is None:
@@ -159,6 +195,7 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
     gen = make_generator(cfg.sampling, device)
     layers = tuple(drafter.config.target_layer_ids) if cfg.method != "ar" else ()
     draft = DraftContext(drafter, target) if layers else None
+    second = DraftContext(vp_drafter, target) if layers and cfg.method == "d2sd" and vp_drafter else None
     cache = kvcache.new_target_cache(target.model)
 
     # prefill: the prompt, then the first token (it becomes the first root)
@@ -167,8 +204,9 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
     out = target.forward(ids, torch.arange(len(prompt_ids), device=device)[None], cache,
                          feature_layers=layers, last_only=True)
     root = int(select_tokens(out.logits[-1:], cfg.sampling, gen)[0])
-    if draft is not None:
-        draft.commit(out.features, torch.arange(len(prompt_ids), device=device))
+    for ctx in (draft, second):
+        if ctx is not None:
+            ctx.commit(out.features, torch.arange(len(prompt_ids), device=device))
     tokens, finished = finish([root], 0, cfg)
     t1 = clock()
     yield Step(tokens=tokens, prefill=True, seconds=t1 - t0, finished=finished,
@@ -177,7 +215,7 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
     while finished is None:
         t0 = clock()
         times = PhaseTimes()
-        tree = propose(cfg.method, draft, root, start, cfg, clock, times, sizer)
+        tree = propose(cfg.method, draft, root, start, cfg, clock, times, sizer, second)
         inputs = compile_tree(tree, start, target.dtype)
         t1 = clock()
         out = target.forward(inputs.input_ids, inputs.position_ids, cache, inputs.attention_mask, layers)
@@ -186,8 +224,9 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
         target_tokens = select_tokens(out.logits, cfg.sampling, gen)
         accepted = walk(tree, target_tokens)
         kvcache.compact(cache, start, accepted.path)
-        if draft is not None:
-            draft.commit(out.features[accepted.path], start + torch.arange(accepted.path.numel(), device=device))
+        for ctx in (draft, second):
+            if ctx is not None:
+                ctx.commit(out.features[accepted.path], start + torch.arange(accepted.path.numel(), device=device))
         new = tree.tokens[accepted.path[1:]].tolist() + [accepted.bonus]
         tokens, finished = finish(new, produced, cfg)
         t3 = clock()

@@ -148,6 +148,8 @@ class DrafterAttention(nn.Module):
         q = apply_rope(self.q_norm(self._split(self.q_proj(x), self.heads)), *block_rope)
         k, v = self.project_kv(x, block_rope)
         if ctx_k is not None:
+            if ctx_k.shape[0] != k.shape[0]:  # several blocks (D2SD branches) share one context
+                ctx_k, ctx_v = ctx_k.expand(k.shape[0], -1, -1, -1), ctx_v.expand(k.shape[0], -1, -1, -1)
             k, v = torch.cat([ctx_k, k], dim=-2), torch.cat([ctx_v, v], dim=-2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False,
                                              enable_gqa=self.heads != self.kv_heads)
@@ -209,7 +211,7 @@ class DFlashDrafter(nn.Module):
             cache.extend(i, k, v)
 
     def forward_block(self, block_embeds: torch.Tensor, positions: torch.Tensor, cache: ContextKV) -> torch.Tensor:
-        """Block states [1, B, H] at positions [B] attending to the cached context -> [1, B, H]."""
+        """Block states [b, B, H] at positions [B] attending to the cached context -> [b, B, H]."""
         x = block_embeds.to(self.dtype)
         rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):

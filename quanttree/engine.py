@@ -101,8 +101,10 @@ class StreamEvent:
 class Engine:
     """A target (and optional drafter) loaded once and reused across generations."""
 
-    def __init__(self, loaded: LoadedTarget, drafter: DFlashDrafter | None = None, drafter_quant: str | None = None):
+    def __init__(self, loaded: LoadedTarget, drafter: DFlashDrafter | None = None, drafter_quant: str | None = None,
+                 vp_drafter: DFlashDrafter | None = None):
         self.loaded = loaded
+        self.vp_drafter = vp_drafter
         self.target = Target(loaded.model)
         self.tokenizer = loaded.tokenizer
         self.drafter = drafter
@@ -154,7 +156,7 @@ class Engine:
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def decode_config(self, method: str, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                      seed: int | None, budget: int) -> DecodeConfig:
+                      seed: int | None, budget: int, branches: int = 4) -> DecodeConfig:
         method = method or self.default_method
         if method not in METHODS:
             raise QuanttreeError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
@@ -164,7 +166,9 @@ class Engine:
             raise QuanttreeError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if not isinstance(budget, int) or budget < 1:
             raise QuanttreeError(f"budget must be a positive integer (tree nodes), got {budget!r}")
-        return DecodeConfig(method=method, max_new_tokens=max_new_tokens, budget=budget,
+        if not isinstance(branches, int) or branches < 1:
+            raise QuanttreeError(f"branches must be a positive integer (d2sd re-drafted points), got {branches!r}")
+        return DecodeConfig(method=method, max_new_tokens=max_new_tokens, budget=budget, branches=branches,
                             sampling=SamplingParams(temperature, top_p, top_k, seed),
                             eos_token_ids=self.eos_token_ids)
 
@@ -181,9 +185,9 @@ class Engine:
 
     def stream(self, prompt: Prompt, method: str | None = None, max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] | None = None,
-               budget: int = 32, chat: bool | None = None) -> Iterator[StreamEvent]:
+               budget: int = 32, chat: bool | None = None, branches: int = 4) -> Iterator[StreamEvent]:
         """Yield text as it is produced, with live stats, one event per target forward."""
-        cfg = self.decode_config(method, max_new_tokens, temperature, top_p, top_k, seed, budget)
+        cfg = self.decode_config(method, max_new_tokens, temperature, top_p, top_k, seed, budget, branches)
         stops = _as_stops(stop)
         prompt_ids = self.encode(prompt, chat)
         self.check_length(prompt_ids, max_new_tokens)
@@ -191,7 +195,7 @@ class Engine:
         ids: list[int] = []
         shown = ""
         sizer = self.sizer(cfg.method, cfg.budget) if cfg.method in ADAPTIVE_METHODS else None
-        for step in decode(self.target, self.drafter, prompt_ids, cfg, sizer):
+        for step in decode(self.target, self.drafter, prompt_ids, cfg, sizer, self.vp_drafter):
             stats.add(step)
             ids.extend(step.tokens)
             text = self._text(ids)
@@ -209,10 +213,11 @@ class Engine:
 
     def generate(self, prompt: Prompt, method: str | None = None, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] | None = None,
-                 budget: int = 32, chat: bool | None = None) -> Result:
+                 budget: int = 32, chat: bool | None = None, branches: int = 4) -> Result:
         """Run to completion and return text, token ids and stats."""
         event = None
-        for event in self.stream(prompt, method, max_new_tokens, temperature, top_p, top_k, seed, stop, budget, chat):
+        for event in self.stream(prompt, method, max_new_tokens, temperature, top_p, top_k, seed, stop, budget, chat,
+                                 branches):
             pass
         return Result(text=event.text, token_ids=event.token_ids, stats=event.stats,
                       finish_reason=event.finish_reason or "length")
@@ -296,24 +301,43 @@ def load_drafter(path: str, target: Target, quant: str | None) -> tuple[DFlashDr
     return drafter, mode
 
 
-def shipped_drafter(target: str) -> str | None:
-    """The drafter quanttree ships for an embedded target, if any."""
-    path = Path(__file__).parent / "drafters" / target
+def shipped_drafter(target: str, variable_prefix: bool = False) -> str | None:
+    """The drafter (or D2SD variable-prefix drafter) quanttree ships for an embedded target, if any."""
+    path = Path(__file__).parent / "drafters" / (f"{target}-vp" if variable_prefix else target)
     return str(path) if target in EMBEDDED_MODELS and (path / "config.json").is_file() else None
 
 
 def load(target: str = DEFAULT_TARGET, drafter: str | None = "auto", quant: str = "auto",
          drafter_quant: str | None = None, device: str | None = None, device_map: str | dict | None = None,
-         log=print) -> Engine:
-    """Load a target (and a DFlash drafter) once; reuse the Engine across calls.
+         vp_drafter: str | None = "auto", log=print) -> Engine:
+    """Load a target (and DFlash drafters) once; reuse the Engine across calls.
 
     drafter: a drafter dir or hub id; "auto" = the drafter shipped for an embedded target (none
-    otherwise); None = no drafter (plain decoding only).
+    otherwise); None = no drafter (plain decoding only). vp_drafter: D2SD's variable-prefix
+    drafter, same forms; without one, d2sd re-drafts its branches with `drafter`.
     """
     loaded = load_target(target, quant, device, device_map, log)
     if drafter == "auto":
         drafter = shipped_drafter(target)
+    if vp_drafter == "auto":
+        vp_drafter = shipped_drafter(target, variable_prefix=True) if drafter else None
     if drafter is None:
         return Engine(loaded)
-    model, mode = load_drafter(drafter, Target(loaded.model), drafter_quant)
-    return Engine(loaded, model, mode)
+    target_view = Target(loaded.model)
+    model, mode = load_drafter(drafter, target_view, drafter_quant)
+    vp_model = None
+    if vp_drafter is not None:
+        vp_model, _ = load_drafter(vp_drafter, target_view, drafter_quant)
+        check_same_features(model, vp_model)
+    return Engine(loaded, model, mode, vp_model)
+
+
+def check_same_features(drafter: DFlashDrafter, vp_drafter: DFlashDrafter) -> None:
+    """The two D2SD drafters read the same target features, blocks and draft vocabulary."""
+    a, b = drafter, vp_drafter
+    same_vocab = (a.draft_vocab is None and b.draft_vocab is None) or (
+        a.draft_vocab is not None and b.draft_vocab is not None and torch.equal(a.draft_vocab, b.draft_vocab))
+    if a.config.target_layer_ids != b.config.target_layer_ids or a.config.block_size != b.config.block_size \
+            or not same_vocab:
+        raise QuanttreeError("the variable-prefix drafter must use the same target_layer_ids, block_size and "
+                             "draft vocabulary as the DFlash drafter: train both from the same data and settings")

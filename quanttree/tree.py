@@ -178,3 +178,49 @@ def walk(tree: Tree, target_tokens: torch.Tensor) -> Acceptance:
     last = int(depth.argmax())
     path = vis[last].nonzero().squeeze(-1)  # ancestors of the deepest accepted node, ascending
     return Acceptance(path=path, bonus=int(target_tokens[last]))
+
+
+def rejection_boundaries(chain_log_probs: torch.Tensor, count: int) -> torch.Tensor:
+    """D2SD's likely rejection points: r(i) = prod_{k<i} c_k * (1 - c_i) over draft slots, where
+    c is the drafter's top-1 confidence; returns the `count` best prefix lengths i (0 = the first
+    drafted token is the one likely rejected). chain_log_probs: [D, V] -> [count] long."""
+    conf = chain_log_probs.max(dim=-1).values.float().exp()  # [D]
+    before = torch.cat([torch.ones(1, device=conf.device), conf.cumprod(0)[:-1]])
+    score = before * (1 - conf)
+    return torch.topk(score, min(count, score.numel())).indices
+
+
+def build_branch_tree(chain_log_probs: torch.Tensor, branch_log_probs: torch.Tensor, prefixes: torch.Tensor,
+                      root: int) -> Tree:
+    """Merge the drafter's greedy chain and K re-drafted branches into one token tree (a trie).
+
+    chain_log_probs: [D, V]; branch_log_probs: [K, D, V], branch k re-drafted with the chain's
+    first prefixes[k] tokens visible. Branch k keeps the chain up to its prefix, takes its best
+    token that differs from the chain at slot prefixes[k] (the alternative at the likely
+    rejection point), then its own greedy tokens. Shared prefixes become shared nodes.
+    """
+    chain_lp, chain_tok = chain_log_probs.float().max(dim=-1)  # [D]
+    sequences = [(chain_tok.tolist(), chain_lp.tolist())]
+    for lp, cut in zip(branch_log_probs.float(), prefixes.tolist()):
+        alt_lp, alt_tok = torch.topk(lp[cut], 2)
+        pick = 1 if int(alt_tok[0]) == int(chain_tok[cut]) else 0
+        tail_lp, tail_tok = lp[cut + 1:].max(dim=-1)
+        tokens = chain_tok[:cut].tolist() + [int(alt_tok[pick])] + tail_tok.tolist()
+        scores = chain_lp[:cut].tolist() + [float(alt_lp[pick])] + tail_lp.tolist()
+        sequences.append((tokens, scores))
+    children: dict[tuple[int, int], int] = {}
+    tokens, parents, depths, path_scores = [root], [-1], [0], [0.0]
+    for seq, slot_scores in sequences:  # the trie: at most (K+1)*D nodes, a fixed small size
+        node = 0
+        for depth, (tok, lp) in enumerate(zip(seq, slot_scores), start=1):
+            key = (node, tok)
+            if key not in children:
+                children[key] = len(tokens)
+                tokens.append(tok)
+                parents.append(node)
+                depths.append(depth)
+                path_scores.append(path_scores[node] + lp)
+            node = children[key]
+    device = chain_log_probs.device
+    return Tree(torch.tensor(tokens, device=device), torch.tensor(parents, device=device),
+                torch.tensor(depths, device=device), torch.tensor(path_scores, device=device))

@@ -216,6 +216,7 @@ def small_vocab_engine(tmp_path_factory):
     ("ar", SamplingParams(temperature=1.0, seed=10)),  # the control: plain sampling passes the same test
     ("ddtree", SamplingParams(temperature=1.0, seed=11)),
     ("dflash", SamplingParams(temperature=0.7, seed=12)),
+    ("d2sd", SamplingParams(temperature=1.0, seed=14)),
     ("ddtree", SamplingParams(temperature=1.0, top_k=4, top_p=0.9, seed=13)),
 ])
 def test_sampling_is_lossless(small_vocab_engine, method, params):
