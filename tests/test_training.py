@@ -110,3 +110,22 @@ def test_cli_train_drafter_stage_train_without_data(tmp_path, tiny_chat_engine):
     code = main(["train-drafter", "--target", tiny_chat_engine.loaded.path, "--quant", "fp32", "--out",
                  str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--stage", "train"])
     assert code == 2  # a clear error: no data yet
+
+
+def test_variable_prefix_training_makes_a_usable_vp_drafter(tiny_chat_engine, tmp_path):
+    paths = TrainPaths(tmp_path / "work")
+    run_data_stage(tiny_chat_engine, paths, token_goal=200, gen_cfg=GenConfig(max_new_tokens=12, batch_size=8,
+                                                                              chunk=16))
+    sequences = [(s[0], s[1], i * 25) for i, s in enumerate(load_shards(paths.data))]
+    base = dict(num_layers=1, block_size=4, num_features=2, draft_vocab=512, anchors=6, seqs_per_step=2, steps=3,
+                ckpt_every=3, eval_every=3, eval_seqs=4)
+    dflash = Trainer(tiny_chat_engine.target, sequences, TrainConfig(**base), tmp_path / "c1", log=lambda *_: None)
+    dflash.train()
+    vp = Trainer(tiny_chat_engine.target, sequences, TrainConfig(**base, variable_prefix=True), tmp_path / "c2",
+                 log=lambda *_: None)
+    vp.train()
+    a, b = dflash.export(tmp_path / "d"), vp.export(tmp_path / "vp")
+    engine = quanttree.load(tiny_chat_engine.loaded.path, drafter=str(a), vp_drafter=str(b), quant="fp32",
+                            device="cpu")
+    ar = engine.generate("hello", method="ar", max_new_tokens=16, chat=False)
+    assert engine.generate("hello", method="d2sd", max_new_tokens=16, chat=False).token_ids == ar.token_ids
