@@ -117,7 +117,7 @@ class DraftContext:
     def _log_softmax(self, hidden: torch.Tensor) -> torch.Tensor:
         """Drafter states [..., H] -> log-probs over the draft vocabulary (or the full one)."""
         if self.head is not None:
-            logits = hidden.to(self.head.dtype) @ self.head.T
+            logits = hidden.to(device=self.head.device, dtype=self.head.dtype) @ self.head.T
         else:
             logits = self.target.lm_head(hidden)
         return torch.log_softmax(logits.float(), dim=-1)
@@ -221,7 +221,7 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
         out = target.forward(inputs.input_ids, inputs.position_ids, cache, inputs.attention_mask, layers)
         t2 = clock()
         times.verify += t2 - t1
-        target_tokens = select_tokens(out.logits, cfg.sampling, gen)
+        target_tokens = select_tokens(out.logits, cfg.sampling, gen).to(tree.tokens.device)
         accepted = walk(tree, target_tokens)
         kvcache.compact(cache, start, accepted.path)
         for ctx in (draft, second):

@@ -32,10 +32,11 @@ def compact(cache, start: int, path: torch.Tensor) -> None:
     """
     length = start + path.numel()
     if path.numel() and int(path[-1]) != path.numel() - 1:  # not already a contiguous prefix
-        src = (path + start).to(cache.layers[0].keys.device)
-        for layer in cache.layers:
-            layer.keys[..., start:length, :] = layer.keys.index_select(-2, src)
-            layer.values[..., start:length, :] = layer.values.index_select(-2, src)
+        src = path + start
+        for layer in cache.layers:  # layers may sit on different devices (accelerate offload)
+            idx = src.to(layer.keys.device)
+            layer.keys[..., start:length, :] = layer.keys.index_select(-2, idx)
+            layer.values[..., start:length, :] = layer.values.index_select(-2, idx)
     crop(cache, length)
 
 

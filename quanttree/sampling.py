@@ -65,4 +65,6 @@ def select_tokens(
     if params.greedy:
         return logits.argmax(dim=-1)
     probs = logits_to_probs(logits, params)
+    if generator is not None and probs.device != generator.device:  # logits on an offloaded layer's device
+        probs = probs.to(generator.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

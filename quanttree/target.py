@@ -36,7 +36,9 @@ class Target:
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.model.get_output_embeddings()
         weight = getattr(head, "weight", None)
-        return head(hidden.to(weight.dtype) if weight is not None and weight.is_floating_point() else hidden)
+        if weight is not None:
+            hidden = hidden.to(device=weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
+        return head(hidden)
 
     @torch.inference_mode()
     def forward(self, input_ids, position_ids, cache, attention_mask=None,
@@ -57,5 +59,5 @@ class Target:
         )
         features = None
         if feature_layers:
-            features = torch.cat([out.hidden_states[i + 1][0] for i in feature_layers], dim=-1)
+            features = torch.cat([out.hidden_states[i + 1][0].to(self.device) for i in feature_layers], dim=-1)
         return TargetOutput(logits=out.logits[0], features=features)
