@@ -112,11 +112,16 @@ class PeakRSS:
 
 
 def run_ours(engine, prompt: str, method: str, budget: int, max_new: int) -> dict:
+    sizer = engine._sizers.get((method, budget))
+    before = len(sizer.chosen) if sizer else 0
     with PeakRSS(engine.device) as mem:
         res = engine.generate(prompt, method=method, budget=budget, max_new_tokens=max_new)
     s = res.stats
+    sizer = engine._sizers.get((method, budget))
+    chosen = sizer.chosen[before:] if sizer else []
     return {"tps": s.decode_tokens_per_s, "tau": s.tau if method != "ar" else 1.0, "tree": s.mean_tree_size,
-            "phase_ms": s.phase_ms(), "rounds": s.rounds, "ids": res.token_ids, "peak_mb": mem.peak / 2**20}
+            "phase_ms": s.phase_ms(), "rounds": s.rounds, "ids": res.token_ids, "peak_mb": mem.peak / 2**20,
+            "chosen_sizes": chosen}
 
 
 def run_hf(engine, prompt_ids: list[int], max_new: int, prefill_s: float, **kwargs) -> dict:
@@ -236,7 +241,7 @@ def _row(quant, suite, prompt, method, budget, result, ar) -> dict:
     return {"quant": quant, "suite": suite, "prompt": prompt[:80], "method": method, "budget": budget,
             "tps": result["tps"], "speedup": result["tps"] / ar["tps"] if ar["tps"] else None, "tau": result["tau"],
             "tree": result["tree"], "rounds": result["rounds"], "phase_ms": result["phase_ms"],
-            "peak_mb": result["peak_mb"], "tokens": len(result["ids"]),
+            "peak_mb": result["peak_mb"], "tokens": len(result["ids"]), "chosen_sizes": result.get("chosen_sizes", []),
             "matches_ar": (result["ids"] == ar["ids"]) if lossless else None}
 
 
@@ -264,6 +269,29 @@ def summarize(rows: list[dict]) -> list[dict]:
     return sorted(out, key=lambda s: (s["quant"], s["method"] != "ar", s["method"], s["budget"]))
 
 
+def policy_report(rows: list[dict], summary: list[dict]) -> str:
+    """Per quant mode: the oracle fixed budget (best ddtree), each adaptive policy against it and
+    against AR, and the distribution of tree sizes the policies chose."""
+    lines = ["| quant | oracle ddtree budget | oracle tok/s | policy | tok/s | vs oracle | vs AR | sizes chosen "
+             "(min / median / max, share of n = 0) |", "|---|---|---|---|---|---|---|---|"]
+    for quant in sorted({s["quant"] for s in summary}):
+        fixed = [s for s in summary if s["quant"] == quant and s["method"] == "ddtree"]
+        ar = next((s for s in summary if s["quant"] == quant and s["method"] == "ar"), None)
+        if not fixed or ar is None:
+            continue
+        oracle = max(fixed, key=lambda s: s["tps"])
+        for policy in ("caddtree", "bastion", "auto"):
+            s = next((x for x in summary if x["quant"] == quant and x["method"] == policy), None)
+            if s is None:
+                continue
+            sizes = sorted(n for r in rows if r["quant"] == quant and r["method"] == policy for n in r["chosen_sizes"])
+            dist = (f"{sizes[0]} / {sizes[len(sizes) // 2]} / {sizes[-1]}, {sizes.count(0) / len(sizes):.0%}"
+                    if sizes else "-")
+            lines.append(f"| {quant} | {oracle['budget']} | {oracle['tps']:.1f} | {policy} | {s['tps']:.1f} | "
+                         f"{s['tps'] / oracle['tps']:.2f}x | {s['tps'] / ar['tps']:.2f}x | {dist} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(summary: list[dict], notes: list[str]) -> str:
     lines = ["| quant | method | budget | tok/s | speedup vs our AR | tau | tau vs fp32 | tree | "
              "draft / verify / build+walk ms per round | peak MB | greedy != AR |",
@@ -286,7 +314,8 @@ def write_outputs(cfg: BenchConfig, rows: list[dict], notes: list[str]) -> None:
     header = (f"# quanttree bench: suite {cfg.suite}, {cfg.prompts} prompts, {cfg.max_new_tokens} new tokens\n\n"
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cores; "
               f"{json.dumps(library_versions())}\n\n")
-    (cfg.out / "summary.md").write_text(header + markdown(summary, notes))
+    (cfg.out / "summary.md").write_text(header + markdown(summary, notes) + "\n## Tree-size policies\n\n"
+                                        + policy_report(rows, summary))
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_all(summary, cfg.out)
 
