@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--anchors", type=int, default=64, help="blocks per sequence")
     train.add_argument("--seqs-per-step", type=int, default=4)
     train.add_argument("--lr", type=float, default=6e-4)
+    train.add_argument("--gamma", type=float, default=7.0, help="slot weight decay exp(-(k-1)/gamma)")
     train.add_argument("--variable-prefix", action="store_true", help="train D2SD's variable-prefix drafter")
     train.add_argument("--device", default=None)
     return parser
@@ -149,6 +150,7 @@ def cmd_train_drafter(args) -> int:
 
         cfg = TrainConfig(num_layers=args.layers, block_size=args.block_size, draft_vocab=args.draft_vocab,
                           anchors=args.anchors, seqs_per_step=args.seqs_per_step, steps=args.steps, lr=args.lr,
+                          gamma=args.gamma,
                           variable_prefix=args.variable_prefix)
         name = "checkpoints-vp" if args.variable_prefix else "checkpoints"
         run_train_stage(engine, paths, cfg, Path(args.out), args.minutes, name)

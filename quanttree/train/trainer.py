@@ -101,7 +101,8 @@ def training_mask(anchors: torch.Tensor, context_len: int, block: int) -> torch.
 # ---------------------------------------------------------------- model
 
 def init_from_target(drafter: DFlashDrafter, target_model) -> None:
-    """Start the drafter layers from copies of the target's last layers (same shapes)."""
+    """Start the drafter layers from copies of the target's last layers (same shapes) and its
+    final norm from the target's, so drafter logits start on the scale the lm_head expects."""
     layers = target_model.model.layers
     src = layers[len(layers) - len(drafter.layers):]
     with torch.no_grad():
@@ -112,6 +113,7 @@ def init_from_target(drafter: DFlashDrafter, target_model) -> None:
                 getattr(dst.mlp, name).weight.copy_(getattr(s.mlp, name).weight.float())
             dst.input_layernorm.weight.copy_(s.input_layernorm.weight.float())
             dst.post_attention_layernorm.weight.copy_(s.post_attention_layernorm.weight.float())
+        drafter.norm.weight.copy_(target_model.model.norm.weight.float())  # logits on the lm_head's scale
         drafter.fc.weight.normal_(0.0, 0.02)
         if drafter.mask_embedding is not None:
             drafter.mask_embedding.normal_(0.0, 0.02)
