@@ -201,7 +201,7 @@ def build_app(cache: EngineCache, concurrency: int = 1):
             max_new = gr.Slider(1, MAX_NEW_TOKENS_CAP, value=128, step=1, label="max new tokens")
             temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="temperature (0 = greedy)")
             method = gr.Dropdown(SPEC_METHODS, value="ddtree", label="speculative method")
-            budget = gr.Slider(1, 128, value=32, step=1, label="tree budget / cap")
+            budget = gr.Slider(1, 128, value=8, step=1, label="tree budget / cap")
             quant = gr.Dropdown([q for q in QUANT_MODES], value="auto", label="target quant")
             drafter_quant = gr.Dropdown(["same"] + [q for q in QUANT_MODES if q != "auto"], value="same",
                                         label="drafter quant")

@@ -16,13 +16,10 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
 from common import humaneval_prompts, write_results  # noqa: E402
 
 import quanttree  # noqa: E402
-from quanttree import kvcache  # noqa: E402
 
 
 def parse_methods(text: str) -> list[tuple[str, int]]:
@@ -33,18 +30,10 @@ def parse_methods(text: str) -> list[tuple[str, int]]:
     return out
 
 
-def top2_gap(engine, prompt_ids: list[int], prefix: list[int]) -> float:
-    cache = kvcache.new_target_cache(engine.target.model)
-    seq = torch.tensor([prompt_ids + prefix])
-    logits = engine.target.forward(seq, torch.arange(seq.shape[1])[None], cache, last_only=True).logits[-1]
-    top = torch.topk(logits.float(), 2).values
-    return float(top[0] - top[1])
-
-
-def divergence(engine, prompt_ids, ar_ids, ids) -> dict | None:
-    for i, (a, b) in enumerate(zip(ar_ids, ids)):
-        if a != b:
-            return {"index": i, "ar_top2_gap": top2_gap(engine, prompt_ids, ar_ids[:i])}
+def divergence(engine, prompt, ar_ids, ids) -> dict | None:
+    where = engine.divergence(prompt, ar_ids, ids)
+    if where is not None:
+        return {"index": where[0], "ar_top2_gap": where[1]}
     if len(ar_ids) != len(ids):
         return {"index": min(len(ar_ids), len(ids)), "ar_top2_gap": None}
     return None
@@ -61,14 +50,13 @@ def run(args) -> list[dict]:
             engine.generate(prompts[0], method="ar", max_new_tokens=8)
             engine.generate(prompts[0], method="dflash", max_new_tokens=8)
             for p_index, prompt in enumerate(prompts):
-                prompt_ids = engine.encode(prompt)
                 ar = None
                 if not args.skip_ar:
                     ar = engine.generate(prompt, method="ar", max_new_tokens=args.max_new_tokens)
                     rows.append(row_for(quant, dq, "ar", 0, p_index, ar, None))
                 for method, budget in parse_methods(args.methods):
                     res = engine.generate(prompt, method=method, budget=budget, max_new_tokens=args.max_new_tokens)
-                    div = divergence(engine, prompt_ids, ar.token_ids, res.token_ids) if ar else None
+                    div = divergence(engine, prompt, ar.token_ids, res.token_ids) if ar else None
                     rows.append(row_for(quant, dq, method, budget, p_index, res, div, ar))
                 print(f"{quant}/{dq} prompt {p_index + 1}/{len(prompts)}", file=sys.stderr, flush=True)
     return rows

@@ -18,7 +18,7 @@ _ENGINES: dict[tuple, Engine] = {}
 def generate(prompt, target: str = DEFAULT_TARGET, quant: str = "auto", drafter: str | None = "auto",
              drafter_quant: str | None = None, method: str | None = None, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-             stop: str | Sequence[str] | None = None, budget: int = 32, device: str | None = None) -> Result:
+             stop: str | Sequence[str] | None = None, budget: int | None = None, device: str | None = None) -> Result:
     """One call for scripts: load (cached across calls) and generate."""
     key = (target, drafter, quant, drafter_quant, device)
     if key not in _ENGINES:

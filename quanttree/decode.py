@@ -31,7 +31,7 @@ class DecodeConfig:
     method: str = "ar"
     max_new_tokens: int = 128
     sampling: SamplingParams = SamplingParams()
-    budget: int = 32  # ddtree node budget; the cap for adaptive methods (drafted nodes, root excluded)
+    budget: int = 8  # ddtree node budget; the cap for adaptive methods (drafted nodes, root excluded)
     branches: int = 4  # d2sd: rejection points re-drafted per round
     eos_token_ids: frozenset[int] = frozenset()
 

@@ -20,6 +20,8 @@ from .sampling import SamplingParams
 from .target import Target
 
 Prompt = str | Sequence[dict]
+DEFAULT_BUDGET = 8  # benchmarks/results/speculative_bf16.md: budget 8 beat 4 and 32 on CPU bf16
+DEFAULT_CAP = 64
 
 
 @dataclass
@@ -156,8 +158,10 @@ class Engine:
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def decode_config(self, method: str, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                      seed: int | None, budget: int, branches: int = 4) -> DecodeConfig:
+                      seed: int | None, budget: int | None, branches: int = 4) -> DecodeConfig:
         method = method or self.default_method
+        if budget is None:  # ddtree: the best fixed budget measured on CPU bf16; adaptive methods: their cap
+            budget = DEFAULT_BUDGET if method not in ADAPTIVE_METHODS else DEFAULT_CAP
         if method not in METHODS:
             raise QuanttreeError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
         if method != "ar" and self.drafter is None:
@@ -185,7 +189,7 @@ class Engine:
 
     def stream(self, prompt: Prompt, method: str | None = None, max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] | None = None,
-               budget: int = 32, chat: bool | None = None, branches: int = 4) -> Iterator[StreamEvent]:
+               budget: int | None = None, chat: bool | None = None, branches: int = 4) -> Iterator[StreamEvent]:
         """Yield text as it is produced, with live stats, one event per target forward."""
         cfg = self.decode_config(method, max_new_tokens, temperature, top_p, top_k, seed, budget, branches)
         stops = _as_stops(stop)
@@ -213,7 +217,7 @@ class Engine:
 
     def generate(self, prompt: Prompt, method: str | None = None, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] | None = None,
-                 budget: int = 32, chat: bool | None = None, branches: int = 4) -> Result:
+                 budget: int | None = None, chat: bool | None = None, branches: int = 4) -> Result:
         """Run to completion and return text, token ids and stats."""
         event = None
         for event in self.stream(prompt, method, max_new_tokens, temperature, top_p, top_k, seed, stop, budget, chat,
@@ -221,6 +225,22 @@ class Engine:
             pass
         return Result(text=event.text, token_ids=event.token_ids, stats=event.stats,
                       finish_reason=event.finish_reason or "length")
+
+    def divergence(self, prompt: Prompt, reference: list[int], other: list[int],
+                   chat: bool | None = None) -> tuple[int, float] | None:
+        """Where two greedy outputs first differ, and the reference's top-2 logit gap there
+        (small = a rounding near-tie of bf16/4/8-bit forwards over different token counts)."""
+        from . import kvcache
+
+        for i, (a, b) in enumerate(zip(reference, other)):
+            if a != b:
+                ids = self.encode(prompt, chat) + reference[:i]
+                cache = kvcache.new_target_cache(self.target.model)
+                logits = self.target.forward(torch.tensor([ids]), torch.arange(len(ids))[None], cache,
+                                             last_only=True).logits[-1]
+                top = torch.topk(logits.float(), 2).values
+                return i, float(top[0] - top[1])
+        return None
 
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

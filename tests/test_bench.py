@@ -1,0 +1,19 @@
+"""Issue 8: `quanttree bench --quick` runs end to end and writes its table, rows and plots."""
+
+from __future__ import annotations
+
+import json
+
+from quanttree.cli import main
+
+
+def test_bench_quick(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "--quick", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    methods = {r["method"] for r in rows}
+    assert {"ar", "ddtree", "auto", "hf_generate"} <= methods
+    assert all(r["matches_ar"] is not False or r["quant"] != "fp32" for r in rows)
+    for name in ("summary.md", "speedup.png", "tau_vs_budget.png", "tradeoff.png", "verify_cost.png"):
+        assert (out / name).stat().st_size > 500, name
+    assert "speedup vs our AR" in capsys.readouterr().out

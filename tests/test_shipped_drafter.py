@@ -1,0 +1,36 @@
+"""Issue 4: the drafter shipped for the embedded target loads by default, is lossless and accepts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import quanttree
+from quanttree.engine import shipped_drafter
+
+PROMPTS = [  # not in the training pool, not HumanEval
+    "Write a Python function that returns the second largest number in a list.",
+    "Explain what a binary heap is and how to push an element onto it.",
+]
+
+
+def test_shipped_drafter_files_and_format():
+    path = Path(shipped_drafter("smollm2-135m"))
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == ["DFlashDraftModel"] and config["block_size"] == 16
+    assert (path / "model.safetensors").stat().st_size < 40 * 2**20
+    assert (path / "README.md").exists() and (path / "draft_vocab.json").exists()
+
+
+def test_shipped_drafter_is_default_lossless_and_accepts():
+    engine = quanttree.load("smollm2-135m", quant="fp32", device="cpu")
+    assert engine.drafter is not None and engine.default_method != "ar"
+    taus = {"dflash": [], "ddtree": []}
+    for prompt in PROMPTS:
+        ar = engine.generate(prompt, method="ar", max_new_tokens=64)
+        for method in taus:
+            out = engine.generate(prompt, method=method, budget=32, max_new_tokens=64)
+            assert out.token_ids == ar.token_ids, (prompt, method)
+            taus[method].append(out.stats.tau)
+    # a trained drafter, not a random one (a random drafter gives tau ~1.0 here)
+    assert min(taus["ddtree"]) > 1.3 and min(taus["dflash"]) > 1.1, taus
