@@ -33,8 +33,8 @@ def hf_prefill(engine, ids: list[int]) -> float:
 
 
 def bench_mode(quant: str, prompts: list[str], max_new_tokens: int) -> dict:
-    engine = quanttree.load("smollm2-135m", quant=quant, device="cpu", log=lambda *_: None)
-    engine.generate(prompts[0], max_new_tokens=8)  # warm-up both paths
+    engine = quanttree.load("smollm2-135m", quant=quant, device="cpu", drafter=None, log=lambda *_: None)
+    engine.generate(prompts[0], method="ar", max_new_tokens=8)  # warm-up both paths
     hf_generate(engine, engine.encode(prompts[0]), 8)
     ours_tps, hf_tps, same = [], [], 0
     for i, prompt in enumerate(prompts):
@@ -42,7 +42,7 @@ def bench_mode(quant: str, prompts: list[str], max_new_tokens: int) -> dict:
         runs = {}
         for side in (("ours", "hf") if i % 2 == 0 else ("hf", "ours")):
             if side == "ours":
-                result = engine.generate(prompt, max_new_tokens=max_new_tokens)
+                result = engine.generate(prompt, method="ar", max_new_tokens=max_new_tokens)
                 runs["ours"] = (result.token_ids, result.stats.decode_tokens_per_s)
             else:
                 tokens, total = hf_generate(engine, ids, max_new_tokens)
