@@ -19,6 +19,7 @@ from quanttree.decode import METHODS
 from quanttree.models import DEFAULT_TARGET, QUANT_MODES
 
 MAX_NEW_TOKENS_CAP = 512
+UI_INTERVAL = 0.15  # seconds between streamed page updates
 SPEC_METHODS = [m for m in METHODS if m != "ar"]
 FAIRNESS = ("Both runs use the same model on the same device, **one after the other** (plain decoding "
             "first, then speculation), so neither slows the other down. Tokens/s excludes the prompt's prefill.")
@@ -163,12 +164,18 @@ def compare(cache: EngineCache, prompt: str, max_new_tokens: int, temperature: f
     ar, spec = PaneState(), PaneState()
     tree_fig = tree_figure(None, engine.tokenizer)
     status = f"running plain decoding, then **{method}** · {FAIRNESS}"
-    last_plot = 0.0
+    last_plot = last_ui = 0.0
     for ar, _ in run_pane(engine, prompt, "ar", budget, max_new_tokens, temperature, seed):
+        if not ar.done and time.perf_counter() - last_ui < UI_INTERVAL:
+            continue  # the browser redrawing every round would steal CPU from the run it shows
+        last_ui = time.perf_counter()
         yield (ar.text, ar.stats_line(False), "", "waiting for plain decoding to finish…", badge(ar, spec, temperature),
                tree_fig, None, status)
     for spec, step in run_pane(engine, prompt, method, budget, max_new_tokens, temperature, seed):
         now = time.perf_counter()
+        if not spec.done and now - last_ui < UI_INTERVAL:
+            continue
+        last_ui = now
         if spec.done or now - last_plot > 0.7:  # redrawing every round would cost more than a round
             tree_fig, last_plot = tree_figure(step, engine.tokenizer), now
         yield (ar.text, ar.stats_line(False), spec.text, spec.stats_line(True, ar.tps), badge(ar, spec, temperature),

@@ -48,7 +48,7 @@ def served(app_module, tiny_dirs):
 def test_compare_streams_both_panes(app_module, tiny_dirs):
     cache = app_module.EngineCache(str(tiny_dirs["llama"]), str(tiny_dirs["llama-drafter"]), "cpu")
     updates = list(app_module.compare(cache, "the cat sat", 24, 0.0, "ddtree", 8, "fp32", "same"))
-    assert len(updates) > 4
+    assert len(updates) > 2  # streamed (throttled to the UI interval), not one final update
     ar_text, _, spec_text, spec_stats, badge, tree_fig, speed_fig, status = updates[-1]
     assert ar_text == spec_text and "identical" in badge and "speedup" in spec_stats
     assert tree_fig is not None and speed_fig is not None and "one after the other" in status
