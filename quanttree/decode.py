@@ -222,7 +222,7 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
         t2 = clock()
         times.verify += t2 - t1
         target_tokens = select_tokens(out.logits, cfg.sampling, gen).to(tree.tokens.device)
-        accepted = walk(tree, target_tokens)
+        accepted = walk(tree, target_tokens, inputs.ancestors)
         kvcache.compact(cache, start, accepted.path)
         for ctx in (draft, second):
             if ctx is not None:

@@ -34,6 +34,7 @@ class VerifyInputs:
     input_ids: torch.Tensor  # [1, n+1]
     position_ids: torch.Tensor  # [1, n+1]
     attention_mask: torch.Tensor | None  # [1, 1, n+1, past+n+1] additive, None = plain causal
+    ancestors: torch.Tensor | None = None  # [n+1, n+1] bool, reused by walk() (None for chains)
 
 
 @dataclass(frozen=True)
@@ -159,12 +160,13 @@ def compile_tree(tree: Tree, start: int, dtype: torch.dtype) -> VerifyInputs:
     n = vis.shape[0]
     mask = torch.zeros(n, start + n, dtype=dtype, device=vis.device)
     mask[:, start:] = mask[:, start:].masked_fill(~vis, torch.finfo(dtype).min)
-    return VerifyInputs(input_ids, position_ids, mask[None, None])
+    return VerifyInputs(input_ids, position_ids, mask[None, None], vis)
 
 
-def walk(tree: Tree, target_tokens: torch.Tensor) -> Acceptance:
+def walk(tree: Tree, target_tokens: torch.Tensor, ancestors: torch.Tensor | None = None) -> Acceptance:
     """Follow the target from the root: at each node, go to the child whose token equals the
-    target's token there; stop when none does. target_tokens: [n+1] (one per node)."""
+    target's token there; stop when none does. target_tokens: [n+1] (one per node);
+    ancestors: the tree's ancestor matrix when compile_tree already built it."""
     if tree.size == 0:  # plain decoding: nothing to walk
         return Acceptance(path=torch.zeros(1, dtype=torch.long, device=target_tokens.device),
                           bonus=int(target_tokens[0]))
@@ -172,7 +174,7 @@ def walk(tree: Tree, target_tokens: torch.Tensor) -> Acceptance:
     ok = torch.zeros_like(parents, dtype=torch.bool)
     ok[0] = True
     ok[1:] = tree.tokens[1:] == target_tokens[parents[1:]]
-    vis = ancestor_matrix(parents)
+    vis = ancestors if ancestors is not None else ancestor_matrix(parents)
     on_path = (vis & ~ok[None, :]).sum(dim=1) == 0  # every ancestor (and self) accepted
     depth = torch.where(on_path, tree.depths, torch.full_like(tree.depths, -1))
     last = int(depth.argmax())

@@ -152,23 +152,27 @@ class Trainer:
         if not self.train_seqs:
             raise ValueError("no training sequences")
         vocab = target.vocab_size
-        self.vocab = (draft_vocabulary(self.train_seqs, cfg.draft_vocab, vocab, eos_ids)
-                      if 0 < cfg.draft_vocab < vocab else None)
+        self.use_vocab(draft_vocabulary(self.train_seqs, cfg.draft_vocab, vocab, eos_ids)
+                       if 0 < cfg.draft_vocab < vocab else None)
         dcfg = random_drafter_config(target.model.config, num_layers=cfg.num_layers, block_size=cfg.block_size,
                                      num_features=cfg.num_features)
         self.drafter = DFlashDrafter(dcfg, with_mask_embedding=True).float()
         init_from_target(self.drafter, target.model)
-        head = target.model.get_output_embeddings().weight.detach()
-        self.head = (head[self.vocab] if self.vocab is not None else head).to(torch.bfloat16)
-        self.remap = None
-        if self.vocab is not None:  # full id -> draft index (-100 outside the draft vocabulary)
-            self.remap = torch.full((vocab,), -100, dtype=torch.long)
-            self.remap[self.vocab] = torch.arange(self.vocab.numel())
         self.opt = torch.optim.AdamW(self.drafter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      betas=(0.9, 0.95))
         self.step = 0
 
     # ------------------------------------------------ pieces
+    def use_vocab(self, vocab: torch.Tensor | None) -> None:
+        """Draft over `vocab` (None = the whole vocabulary): lm_head rows and the id remap."""
+        self.vocab = vocab
+        head = self.target.model.get_output_embeddings().weight.detach()
+        self.head = (head[vocab] if vocab is not None else head).to(torch.bfloat16)
+        self.remap = None
+        if vocab is not None:  # full id -> draft index (-100 outside the draft vocabulary)
+            self.remap = torch.full((self.target.vocab_size,), -100, dtype=torch.long)
+            self.remap[vocab] = torch.arange(vocab.numel())
+
     def lr_at(self, step: int) -> float:
         warm = max(1, int(self.cfg.warmup * self.cfg.steps))
         if step < warm:
@@ -342,11 +346,7 @@ class Trainer:
         meta = json.loads((ckpt / "state.json").read_text())
         self.drafter.load_state_dict(load_file(str(ckpt / "drafter.safetensors")))
         if (ckpt / "draft_vocab.json").exists():
-            self.vocab = torch.tensor(json.loads((ckpt / "draft_vocab.json").read_text()), dtype=torch.long)
-            head = self.target.model.get_output_embeddings().weight.detach()
-            self.head = head[self.vocab].to(torch.bfloat16)
-            self.remap = torch.full((self.target.vocab_size,), -100, dtype=torch.long)
-            self.remap[self.vocab] = torch.arange(self.vocab.numel())
+            self.use_vocab(torch.tensor(json.loads((ckpt / "draft_vocab.json").read_text()), dtype=torch.long))
         opt_tensors = load_file(str(ckpt / "optimizer.safetensors"))
         params = dict(self.drafter.named_parameters())
         for key, value in opt_tensors.items():
