@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=6e-4)
     train.add_argument("--gamma", type=float, default=7.0, help="slot weight decay exp(-(k-1)/gamma)")
     train.add_argument("--variable-prefix", action="store_true", help="train D2SD's variable-prefix drafter")
+    train.add_argument("--init-from", default=None,
+                       help="start from this drafter dir (e.g. the DFlash drafter when training a VP one); "
+                            "its layers and draft vocabulary replace --layers and --draft-vocab")
     train.add_argument("--device", default=None)
     return parser
 
@@ -155,12 +158,13 @@ def cmd_train_drafter(args) -> int:
         run_data_stage(engine, paths, args.tokens, gen)
     if args.stage in ("train", "all"):
         from .train.pipeline import run_train_stage
+        from .drafter import resolve_drafter_dir
         from .train.trainer import TrainConfig
 
         cfg = TrainConfig(num_layers=args.layers, block_size=args.block_size, draft_vocab=args.draft_vocab,
                           anchors=args.anchors, seqs_per_step=args.seqs_per_step, steps=args.steps, lr=args.lr,
-                          gamma=args.gamma,
-                          variable_prefix=args.variable_prefix)
+                          gamma=args.gamma, variable_prefix=args.variable_prefix,
+                          init_from=str(resolve_drafter_dir(args.init_from)) if args.init_from else None)
         name = "checkpoints-vp" if args.variable_prefix else "checkpoints"
         run_train_stage(engine, paths, cfg, Path(args.out), args.minutes, name)
     return 0

@@ -121,10 +121,18 @@ def test_variable_prefix_training_makes_a_usable_vp_drafter(tiny_chat_engine, tm
                 ckpt_every=3, eval_every=3, eval_seqs=4)
     dflash = Trainer(tiny_chat_engine.target, sequences, TrainConfig(**base), tmp_path / "c1", log=lambda *_: None)
     dflash.train()
-    vp = Trainer(tiny_chat_engine.target, sequences, TrainConfig(**base, variable_prefix=True), tmp_path / "c2",
+    a = dflash.export(tmp_path / "d")
+    # the VP drafter starts from the DFlash drafter: same weights and draft vocabulary at step 0
+    vp = Trainer(tiny_chat_engine.target, sequences, TrainConfig(**{**base, "draft_vocab": 0}, variable_prefix=True,
+                                                                 init_from=str(a)), tmp_path / "c2",
                  log=lambda *_: None)
+    assert torch.equal(vp.vocab, dflash.vocab)
+    for name, value in dflash.drafter.state_dict().items():
+        assert torch.equal(vp.drafter.state_dict()[name], value.bfloat16().float()), name
+    before = vp.evaluate()
+    assert before["chain_tau"] >= 1.0 and before["blocks"] > 0
     vp.train()
-    a, b = dflash.export(tmp_path / "d"), vp.export(tmp_path / "vp")
+    b = vp.export(tmp_path / "vp")
     engine = quanttree.load(tiny_chat_engine.loaded.path, drafter=str(a), vp_drafter=str(b), quant="fp32",
                             device="cpu")
     ar = engine.generate("hello", method="ar", max_new_tokens=16, chat=False)

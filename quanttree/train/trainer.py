@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..drafter import DFlashDrafter, random_drafter_config, rope_tables, save_drafter
+from ..drafter import (DFlashDrafter, check_fits_target, random_drafter_config, read_draft_vocab, read_drafter,
+                       rope_tables, save_drafter)
 from ..target import Target
 
 
@@ -43,6 +44,7 @@ class TrainConfig:
     variable_prefix: bool = False
     prefix_decay: float = 0.9
     bf16_autocast: bool = True  # drafter matmuls in bf16, fp32 master weights
+    init_from: str | None = None  # start from this drafter dir (its shape and draft vocabulary win)
 
 
 # ---------------------------------------------------------------- data
@@ -119,6 +121,22 @@ def init_from_target(drafter: DFlashDrafter, target_model) -> None:
             drafter.mask_embedding.normal_(0.0, 0.02)
 
 
+def start_from_drafter(path: Path, target: Target) -> tuple[DFlashDrafter, torch.Tensor | None]:
+    """A trained drafter as the starting point (for example the DFlash drafter for a VP drafter):
+    fp32 weights with a mask embedding, and its draft vocabulary."""
+    cfg, tensors = read_drafter(path)
+    check_fits_target(cfg, target.model.config, True)  # a mask embedding is trained if absent
+    drafter = DFlashDrafter(cfg, with_mask_embedding=True).float()
+    missing = set(drafter.state_dict()) - set(tensors)
+    if missing - {"mask_embedding"}:
+        raise ValueError(f"{path} lacks drafter tensors {sorted(missing)[:5]}")
+    drafter.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    if "mask_embedding" in missing:
+        with torch.no_grad():
+            drafter.mask_embedding.normal_(0.0, 0.02)
+    return drafter, read_draft_vocab(path, target.vocab_size)
+
+
 def drafter_train_forward(drafter: DFlashDrafter, features: torch.Tensor, block_embeds: torch.Tensor,
                           block_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """features [L, k*H], block_embeds [A*B, H], block_pos [A*B], mask [A*B, L+A*B] -> states [A*B, H]."""
@@ -151,13 +169,20 @@ class Trainer:
         self.train_seqs, self.held_seqs = split(sequences)
         if not self.train_seqs:
             raise ValueError("no training sequences")
-        vocab = target.vocab_size
-        self.use_vocab(draft_vocabulary(self.train_seqs, cfg.draft_vocab, vocab, eos_ids)
-                       if 0 < cfg.draft_vocab < vocab else None)
-        dcfg = random_drafter_config(target.model.config, num_layers=cfg.num_layers, block_size=cfg.block_size,
-                                     num_features=cfg.num_features)
-        self.drafter = DFlashDrafter(dcfg, with_mask_embedding=True).float()
-        init_from_target(self.drafter, target.model)
+        if cfg.init_from:
+            self.drafter, vocab = start_from_drafter(Path(cfg.init_from), target)
+            self.use_vocab(vocab)
+        else:
+            vocab = target.vocab_size
+            self.use_vocab(draft_vocabulary(self.train_seqs, cfg.draft_vocab, vocab, eos_ids)
+                           if 0 < cfg.draft_vocab < vocab else None)
+            dcfg = random_drafter_config(target.model.config, num_layers=cfg.num_layers,
+                                         block_size=cfg.block_size, num_features=cfg.num_features)
+            self.drafter = DFlashDrafter(dcfg, with_mask_embedding=True).float()
+            init_from_target(self.drafter, target.model)
+        if self.drafter.config.block_size != cfg.block_size:
+            raise ValueError(f"block size {cfg.block_size} differs from the drafter's "
+                             f"{self.drafter.config.block_size}")
         self.opt = torch.optim.AdamW(self.drafter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      betas=(0.9, 0.95))
         self.step = 0
@@ -198,6 +223,11 @@ class Trainer:
         mask = self.drafter.mask_embedding[None, :].expand_as(emb)
         return torch.where((flat < 0)[:, None], mask, emb)
 
+    def sample_prefix(self, count: int, gen: torch.Generator) -> torch.Tensor:
+        """Visible prefix lengths for a VP drafter: P(l) ~ decay^l, l in 0..B-2."""
+        probs = self.cfg.prefix_decay ** torch.arange(self.cfg.block_size - 1, dtype=torch.float)
+        return torch.multinomial(probs / probs.sum(), count, replacement=True, generator=gen)
+
     def sequence_loss(self, seq, gen: torch.Generator):
         tokens = torch.as_tensor(seq[0][: self.cfg.max_seq_len], dtype=torch.long)
         anchors = sample_anchors(tokens.numel(), seq[1], self.cfg.anchors, gen)
@@ -205,9 +235,8 @@ class Trainer:
             return None
         block = self.cfg.block_size
         prefix = None
-        if self.cfg.variable_prefix:  # P(l) ~ decay^l, l in 0..B-2
-            probs = self.cfg.prefix_decay ** torch.arange(block - 1, dtype=torch.float)
-            prefix = torch.multinomial(probs / probs.sum(), anchors.numel(), replacement=True, generator=gen)
+        if self.cfg.variable_prefix:
+            prefix = self.sample_prefix(anchors.numel(), gen)
         ids, labels, pos = block_inputs(tokens, anchors, block, prefix)
         feats = self.features(tokens)
         mask = training_mask(anchors, tokens.numel(), block)
@@ -269,7 +298,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, limit: int | None = None) -> dict:
         """Teacher-forced chain acceptance on held-out target responses, and calibration:
-        predicted P(accept >= d) (product of draft probabilities of the true tokens) vs observed."""
+        predicted P(accept >= d) (product of draft probabilities of the true tokens) vs observed.
+        A variable-prefix drafter is scored on the slots after a sampled visible prefix."""
         seqs = self.held_seqs[: limit or self.cfg.eval_seqs]
         block = self.cfg.block_size
         accepted, predicted, observed, blocks = [], torch.zeros(block - 1), torch.zeros(block - 1), 0
@@ -280,19 +310,23 @@ class Trainer:
             anchors = anchors[anchors + block <= tokens.numel()]
             if anchors.numel() == 0:
                 continue
-            ids, labels, pos = block_inputs(tokens, anchors, block, None)
+            prefix = self.sample_prefix(anchors.numel(), gen) if self.cfg.variable_prefix else None
+            ids, labels, pos = block_inputs(tokens, anchors, block, prefix)
             states = drafter_train_forward(self.drafter, self.features(tokens), self.embed_blocks(ids),
                                            pos.reshape(-1), training_mask(anchors, tokens.numel(), block))
             logits = (states.to(torch.bfloat16) @ self.head.T).float().view(anchors.numel(), block, -1)[:, 1:]
             probs = logits.softmax(-1)
-            truth = labels[:, 1:]
+            truth = torch.as_tensor(tokens[anchors[:, None] + torch.arange(1, block)])
             if self.remap is not None:
                 truth = self.remap[truth]
-            draft_tok = probs.argmax(-1)
-            hit = (draft_tok == truth) & (truth >= 0)
+            visible = torch.zeros_like(truth, dtype=torch.bool)
+            if prefix is not None:  # slots 1..prefix hold ground truth: given, not drafted
+                visible = torch.arange(1, block)[None, :] <= prefix[:, None]
+            hit = ((probs.argmax(-1) == truth) & (truth >= 0)) | visible
             run = hit.long().cumprod(dim=1)  # 1 while every earlier slot matched
-            accepted.append(run.sum(dim=1).float())
-            p_top = probs.max(-1).values  # what a tree policy sees as the chance the top-1 is right
+            given = visible.sum(dim=1)
+            accepted.append((run.sum(dim=1) - given).float())
+            p_top = torch.where(visible, 1.0, probs.max(-1).values)  # the policy's chance the top-1 is right
             predicted += p_top.cumprod(dim=1).sum(0)
             observed += run.float().sum(0)
             blocks += anchors.numel()
