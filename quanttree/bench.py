@@ -23,6 +23,10 @@ from .errors import QuanttreeError
 
 REPO = Path(__file__).resolve().parents[1]
 OUR_METHODS = ("ar", "dflash", "ddtree", "caddtree", "bastion", "auto", "d2sd")
+# bench-only variants of our methods: d2sd re-drafting with the DFlash weights (no VP drafter), and
+# ddtree at the default budget with a bf16 drafter on a 4/8-bit target (splits the acceptance loss
+# of quantizing the target from that of quantizing the drafter)
+VARIANTS = ("d2sd_dflash", "ddtree_bf16_drafter")
 PEERS = ("hf_generate", "hf_prompt_lookup", "hf_assisted", "llama_cpp")
 
 
@@ -30,7 +34,7 @@ PEERS = ("hf_generate", "hf_prompt_lookup", "hf_assisted", "llama_cpp")
 class BenchConfig:
     suite: str = "humaneval"
     quants: tuple[str, ...] = ("fp32", "bf16", "int8", "nf4")
-    methods: tuple[str, ...] = OUR_METHODS + PEERS
+    methods: tuple[str, ...] = OUR_METHODS + VARIANTS + PEERS
     budgets: tuple[int, ...] = (4, 8, 16, 32, 64)
     prompts: int = 10
     max_new_tokens: int = 128
@@ -115,6 +119,7 @@ class PeakRSS:
 def run_ours(engine, prompt: str, method: str, budget: int, max_new: int) -> dict:
     sizer = engine._sizers.get((method, budget))
     before = len(sizer.chosen) if sizer else 0
+    before_obs = len(sizer.observed) if sizer else 0
     with PeakRSS(engine.device) as mem:
         res = engine.generate(prompt, method=method, budget=budget, max_new_tokens=max_new)
     s = res.stats
@@ -122,7 +127,9 @@ def run_ours(engine, prompt: str, method: str, budget: int, max_new: int) -> dic
     chosen = sizer.chosen[before:] if sizer else []
     return {"tps": s.decode_tokens_per_s, "tau": s.tau if method != "ar" else 1.0, "tree": s.mean_tree_size,
             "phase_ms": s.phase_ms(), "rounds": s.rounds, "ids": res.token_ids, "peak_mb": mem.peak / 2**20,
-            "chosen_sizes": chosen}
+            "chosen_sizes": chosen, "predicted_raw": sizer.predicted_raw[before_obs:] if sizer else [],
+            "predicted": sizer.predicted[before_obs:] if sizer else [],
+            "observed": sizer.observed[before_obs:] if sizer else []}
 
 
 def run_hf(engine, prompt_ids: list[int], max_new: int, prefill_s: float, **kwargs) -> dict:
@@ -177,41 +184,53 @@ def hf_prefill_s(engine, prompt_ids: list[int]) -> float:
 # ---------------------------------------------------------------- the run
 
 def bench(cfg: BenchConfig, log=print) -> list[dict]:
+    """Run (or resume) the study; rows of each finished (quant, prompt) are appended to
+    rows.jsonl at once, so an interrupted run continues where it stopped."""
     from tqdm import tqdm
 
     from .engine import load
 
     prompts = load_suite(cfg.suite, cfg.prompts)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
+    rows, done = resume_rows(cfg)
+    if done:
+        log(f"resuming: {len(done)} of {len(cfg.quants) * len(prompts)} (quant, prompt) runs already in {cfg.out}")
     notes: list[str] = []
     llm, why = (llama_cpp_model(cfg.target) if "llama_cpp" in cfg.methods else (None, None))
     if why:
         notes.append(f"llama.cpp row skipped: {why}")
-    total = len(cfg.quants) * len(prompts)
-    bar = tqdm(total=total, desc="bench", unit="prompt")
+    bar = tqdm(total=len(cfg.quants) * len(prompts), initial=len(done), desc="bench", unit="prompt")
     profiles = {}
     for quant in cfg.quants:
+        todo = [(i, sp) for i, sp in enumerate(prompts) if (quant, i) not in done]
+        needs_profile = any(m in cfg.methods for m in ("caddtree", "bastion", "auto"))
+        if not todo and not needs_profile:
+            continue
         engine = load(cfg.target, drafter=cfg.drafter, quant=quant, log=lambda *_: None)
+        if engine.drafter is not None and needs_profile:
+            profiles[engine.quant] = engine.cost_model(progress=True).profile
+        if not todo:
+            continue
+        variants = variant_engines(engine, cfg, notes)
         assistant = None
         if "hf_assisted" in cfg.methods and quant != "nf4":
             assistant = load(cfg.target, drafter=None, quant="nf4", log=lambda *_: None).target.model
-        if engine.drafter is not None and any(m in cfg.methods for m in ("caddtree", "bastion", "auto")):
-            profiles[engine.quant] = engine.cost_model(progress=True).profile
-        engine.generate(prompts[0][1], method="ar", max_new_tokens=4)  # warm-up
-        for suite, prompt in prompts:
+        engine.generate(todo[0][1][1], method="ar", max_new_tokens=4)  # warm-up
+        for index, (suite, prompt) in todo:
             prompt_ids = engine.encode(prompt)
             ar = run_ours(engine, prompt, "ar", 1, cfg.max_new_tokens)
-            rows.append(_row(quant, suite, prompt, "ar", 0, ar, ar))
+            batch = [_row(quant, suite, index, prompt, "ar", 0, ar, ar)]
             for method in cfg.methods:
                 if method == "ar" or (method in OUR_METHODS and engine.drafter is None):
                     continue
                 for budget in (cfg.budgets if method == "ddtree" else (max(cfg.budgets),)):
-                    result = _run_one(engine, method, budget, prompt, prompt_ids, cfg, assistant, llm)
+                    result = _run_one(engine, variants, method, budget, prompt, prompt_ids, cfg, assistant, llm)
                     if result is not None:
-                        rows.append(_row(quant, suite, prompt, method, budget, result, ar))
+                        batch.append(_row(quant, suite, index, prompt, method, budget, result, ar))
+            with open(cfg.out / "rows.jsonl", "a") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in batch))
+            rows += batch
             bar.update(1)
-        del engine, assistant
+        del engine, assistant, variants
     bar.close()
     write_outputs(cfg, rows, notes)
     if profiles:
@@ -221,9 +240,49 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
     return rows
 
 
-def _run_one(engine, method, budget, prompt, prompt_ids, cfg, assistant, llm):
+def resume_rows(cfg: BenchConfig) -> tuple[list[dict], set[tuple[str, int]]]:
+    """Rows of an earlier run of the same configuration in cfg.out, and its finished (quant, prompt)s."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    meta, rows_file = cfg.out / "config.json", cfg.out / "rows.jsonl"
+    wanted = json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()}, sort_keys=True)
+    if meta.exists() and rows_file.exists():
+        if meta.read_text() != wanted:
+            raise QuanttreeError(f"{cfg.out} holds results of another bench configuration: pass a new --out "
+                                 "(or delete that directory)")
+        rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
+        return rows, {(r["quant"], r["index"]) for r in rows}
+    meta.write_text(wanted)
+    rows_file.write_text("")
+    return [], set()
+
+
+def variant_engines(engine, cfg: BenchConfig, notes: list[str]) -> dict:
+    """Engines sharing this engine's target, for the bench-only variants."""
+    from .engine import Engine, load_drafter, shipped_drafter
+
+    out = {}
+    if engine.drafter is None:
+        return out
+    if "d2sd_dflash" in cfg.methods and engine.vp_drafter is not None:
+        out["d2sd_dflash"] = Engine(engine.loaded, engine.drafter, engine.drafter_quant)
+    elif "d2sd_dflash" in cfg.methods:
+        notes.append("no variable-prefix drafter: the d2sd rows re-draft with the DFlash weights (DFlash->DFlash)")
+    path = shipped_drafter(cfg.target) if cfg.drafter == "auto" else cfg.drafter
+    if "ddtree_bf16_drafter" in cfg.methods and engine.drafter_quant not in ("bf16", "fp32", "fp16") and path:
+        drafter, mode = load_drafter(path, engine.target, "bf16")
+        out["ddtree_bf16_drafter"] = Engine(engine.loaded, drafter, mode)
+    return out
+
+
+def _run_one(engine, variants, method, budget, prompt, prompt_ids, cfg, assistant, llm):
     if method in OUR_METHODS:
         return run_ours(engine, prompt, method, budget, cfg.max_new_tokens)
+    if method == "d2sd_dflash" and method in variants:
+        return run_ours(variants[method], prompt, "d2sd", budget, cfg.max_new_tokens)
+    if method == "ddtree_bf16_drafter" and method in variants:
+        from .engine import DEFAULT_BUDGET
+
+        return run_ours(variants[method], prompt, "ddtree", DEFAULT_BUDGET, cfg.max_new_tokens)
     if method == "hf_generate":
         return run_hf(engine, prompt_ids, cfg.max_new_tokens, hf_prefill_s(engine, prompt_ids))
     if method == "hf_prompt_lookup":
@@ -237,12 +296,18 @@ def _run_one(engine, method, budget, prompt, prompt_ids, cfg, assistant, llm):
     return None
 
 
-def _row(quant, suite, prompt, method, budget, result, ar) -> dict:
-    lossless = method in OUR_METHODS or method.startswith("hf_")
-    return {"quant": quant, "suite": suite, "prompt": prompt[:80], "method": method, "budget": budget,
+def _row(quant, suite, index, prompt, method, budget, result, ar) -> dict:
+    lossless = method in OUR_METHODS + VARIANTS or method.startswith("hf_")
+    if method == "ddtree_bf16_drafter":
+        from .engine import DEFAULT_BUDGET
+
+        budget = DEFAULT_BUDGET
+    return {"quant": quant, "suite": suite, "index": index, "prompt": prompt[:80], "method": method, "budget": budget,
             "tps": result["tps"], "speedup": result["tps"] / ar["tps"] if ar["tps"] else None, "tau": result["tau"],
             "tree": result["tree"], "rounds": result["rounds"], "phase_ms": result["phase_ms"],
             "peak_mb": result["peak_mb"], "tokens": len(result["ids"]), "chosen_sizes": result.get("chosen_sizes", []),
+            "predicted_raw": result.get("predicted_raw", []), "predicted": result.get("predicted", []),
+            "observed": result.get("observed", []),
             "matches_ar": (result["ids"] == ar["ids"]) if lossless else None}
 
 
@@ -274,7 +339,8 @@ def policy_report(rows: list[dict], summary: list[dict]) -> str:
     """Per quant mode: the oracle fixed budget (best ddtree), each adaptive policy against it and
     against AR, and the distribution of tree sizes the policies chose."""
     lines = ["| quant | oracle ddtree budget | oracle tok/s | policy | tok/s | vs oracle | vs AR | sizes chosen "
-             "(min / median / max, share of n = 0) |", "|---|---|---|---|---|---|---|---|"]
+             "(min / median / max, share of n = 0) | accepted per round: drafter-predicted / calibrated / observed |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for quant in sorted({s["quant"] for s in summary}):
         fixed = [s for s in summary if s["quant"] == quant and s["method"] == "ddtree"]
         ar = next((s for s in summary if s["quant"] == quant and s["method"] == "ar"), None)
@@ -288,8 +354,12 @@ def policy_report(rows: list[dict], summary: list[dict]) -> str:
             sizes = sorted(n for r in rows if r["quant"] == quant and r["method"] == policy for n in r["chosen_sizes"])
             dist = (f"{sizes[0]} / {sizes[len(sizes) // 2]} / {sizes[-1]}, {sizes.count(0) / len(sizes):.0%}"
                     if sizes else "-")
+            mine = [r for r in rows if r["quant"] == quant and r["method"] == policy]
+            acc = [sum(x for r in mine for x in r.get(k, [])) for k in ("predicted_raw", "predicted", "observed")]
+            count = sum(len(r.get("observed", [])) for r in mine)
+            accuracy = " / ".join(f"{a / count:.2f}" for a in acc) if count else "-"
             lines.append(f"| {quant} | {oracle['budget']} | {oracle['tps']:.1f} | {policy} | {s['tps']:.1f} | "
-                         f"{s['tps'] / oracle['tps']:.2f}x | {s['tps'] / ar['tps']:.2f}x | {dist} |")
+                         f"{s['tps'] / oracle['tps']:.2f}x | {s['tps'] / ar['tps']:.2f}x | {dist} | {accuracy} |")
     return "\n".join(lines) + "\n"
 
 
@@ -325,7 +395,7 @@ def plot_all(summary: list[dict], out: Path) -> None:
     from matplotlib.figure import Figure
 
     quants = sorted({s["quant"] for s in summary})
-    methods = [m for m in OUR_METHODS + PEERS if any(s["method"] == m for s in summary) and m != "ar"]
+    methods = [m for m in OUR_METHODS + VARIANTS + PEERS if any(s["method"] == m for s in summary) and m != "ar"]
     fig = Figure(figsize=(9, 4.5))
     ax = fig.subplots()
     width = 0.8 / max(len(methods), 1)

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream a generation and print its stats")
     gen.add_argument("prompt", help="the user message (chat template applied when the model has one)")
     _add_model_args(gen)
-    gen.add_argument("--method", default=None, choices=METHODS, help="decoding method (default: ddtree with a "
+    gen.add_argument("--method", default=None, choices=METHODS, help="decoding method (default: auto with a "
                      "drafter, else ar)")
     gen.add_argument("--budget", type=int, default=None,
                      help="tree node budget for ddtree (default 8; the cap for adaptive methods, default 64)")
@@ -200,12 +200,12 @@ def cmd_calibrate(args) -> int:
 def cmd_bench(args) -> int:
     from pathlib import Path
 
-    from .bench import OUR_METHODS, PEERS, BenchConfig, bench, quick
+    from .bench import OUR_METHODS, PEERS, VARIANTS, BenchConfig, bench, quick
 
-    methods = tuple(args.methods.split(",")) if args.methods else OUR_METHODS + PEERS
-    unknown = [m for m in methods if m not in OUR_METHODS + PEERS]
+    methods = tuple(args.methods.split(",")) if args.methods else OUR_METHODS + VARIANTS + PEERS
+    unknown = [m for m in methods if m not in OUR_METHODS + VARIANTS + PEERS]
     if unknown:
-        raise QuanttreeError(f"unknown methods {unknown}: choose from {', '.join(OUR_METHODS + PEERS)}")
+        raise QuanttreeError(f"unknown methods {unknown}: choose from {', '.join(OUR_METHODS + VARIANTS + PEERS)}")
     quants = tuple(args.quant.split(","))
     bad = [q for q in quants if q not in QUANT_MODES]
     if bad:

@@ -142,8 +142,9 @@ class Engine:
 
     @property
     def default_method(self) -> str:
-        """Tree speculation when a drafter is loaded, plain decoding otherwise."""
-        return "ddtree" if self.drafter is not None else "ar"
+        """With a drafter: `auto` (cost-aware tree sizes, plain decoding where speculation does not
+        pay; calibrates the verify cost on first use). Without one: plain decoding."""
+        return "auto" if self.drafter is not None else "ar"
 
     def encode(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
         """Token ids for a prompt string or a list of chat messages (chat template when known)."""
@@ -334,13 +335,14 @@ def load(target: str = DEFAULT_TARGET, drafter: str | None = "auto", quant: str 
 
     drafter: a drafter dir or hub id; "auto" = the drafter shipped for an embedded target (none
     otherwise); None = no drafter (plain decoding only). vp_drafter: D2SD's variable-prefix
-    drafter, same forms; without one, d2sd re-drafts its branches with `drafter`.
+    drafter, same forms ("auto" = the shipped one, only beside the shipped drafter); without one,
+    d2sd re-drafts its branches with `drafter`.
     """
     loaded = load_target(target, quant, device, device_map, log)
+    if vp_drafter == "auto":  # the shipped VP drafter pairs with the shipped DFlash drafter only
+        vp_drafter = shipped_drafter(target, variable_prefix=True) if drafter == "auto" else None
     if drafter == "auto":
         drafter = shipped_drafter(target)
-    if vp_drafter == "auto":
-        vp_drafter = shipped_drafter(target, variable_prefix=True) if drafter else None
     if drafter is None:
         return Engine(loaded)
     target_view = Target(loaded.model)

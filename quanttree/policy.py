@@ -119,6 +119,12 @@ class TreeSizer:
         self.probe_every, self.min_nodes = probe_every, min_nodes
         self.skipped = 0
         self.chosen: list[int] = []
+        # per verified round: expected accepted tokens of the chosen tree from the drafter's raw
+        # path probabilities, from the calibrated ones, and the tokens actually accepted
+        self.predicted_raw: list[float] = []
+        self.predicted: list[float] = []
+        self.observed: list[int] = []
+        self._chose = False
 
     def _curve(self, context: int, smooth: bool) -> np.ndarray:
         if self.method == "bastion":
@@ -151,11 +157,17 @@ class TreeSizer:
             n = max(greedy_size(phi, self._curve(context, smooth=True), fixed), min(self.min_nodes, tree.size))
         self.expected_phi = phi if self.expected_phi is None else _ema_curve(self.expected_phi, phi)
         self.chosen.append(n)
+        self.predicted_raw.append(float(tree.scores[order[:n]].exp().sum()))
+        self.predicted.append(float(phi[min(n, phi.size - 1)]))
+        self._chose = True
         return prune(tree, n)
 
     def observe(self, tree: Tree, accept_len: int, tokens: int, context: int, verify_ms: float,
                 overhead_ms: float) -> None:
         self.calibrator.update(tree, accept_len)
+        if self._chose:  # rounds that skipped the drafter predicted nothing
+            self.observed.append(accept_len)
+            self._chose = False
         self.cost.observe(tokens, context, verify_ms)
         self.overhead_ms = 0.9 * self.overhead_ms + 0.1 * overhead_ms
 

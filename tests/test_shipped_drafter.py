@@ -25,7 +25,8 @@ def test_shipped_drafter_files_and_format():
 def test_shipped_drafter_is_default_lossless_and_accepts():
     engine = quanttree.load("smollm2-135m", quant="fp32", device="cpu")
     assert engine.drafter is not None and engine.default_method != "ar"
-    taus = {"dflash": [], "ddtree": []}
+    assert engine.vp_drafter is not None  # the shipped VP drafter pairs with the shipped drafter
+    taus = {"dflash": [], "ddtree": [], "d2sd": []}
     for prompt in PROMPTS:
         ar = engine.generate(prompt, method="ar", max_new_tokens=64)
         for method in taus:
@@ -33,4 +34,14 @@ def test_shipped_drafter_is_default_lossless_and_accepts():
             assert out.token_ids == ar.token_ids, (prompt, method)
             taus[method].append(out.stats.tau)
     # a trained drafter, not a random one (a random drafter gives tau ~1.0 here)
-    assert min(taus["ddtree"]) > 1.3 and min(taus["dflash"]) > 1.1, taus
+    assert min(taus["ddtree"]) > 1.3 and min(taus["dflash"]) > 1.1 and min(taus["d2sd"]) > 1.2, taus
+
+
+def test_shipped_vp_drafter_files_and_pairing(tmp_path):
+    path = Path(shipped_drafter("smollm2-135m", variable_prefix=True))
+    assert path.name == "smollm2-135m-vp" and (path / "README.md").exists()
+    assert (path / "draft_vocab.json").read_text() == (Path(shipped_drafter("smollm2-135m")) / "draft_vocab.json"
+                                                        ).read_text()
+    # a drafter of the user's own gets no VP drafter unless one is named
+    own = quanttree.load("smollm2-135m", drafter=shipped_drafter("smollm2-135m"), quant="bf16", device="cpu")
+    assert own.drafter is not None and own.vp_drafter is None
