@@ -188,7 +188,7 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
     rows.jsonl at once, so an interrupted run continues where it stopped."""
     from tqdm import tqdm
 
-    from .engine import load
+    from .engine import DEFAULT_CAP, load
 
     prompts = load_suite(cfg.suite, cfg.prompts)
     rows, done = resume_rows(cfg)
@@ -222,7 +222,7 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
             for method in cfg.methods:
                 if method == "ar" or (method in OUR_METHODS and engine.drafter is None):
                     continue
-                for budget in (cfg.budgets if method == "ddtree" else (max(cfg.budgets),)):
+                for budget in (cfg.budgets if method == "ddtree" else (DEFAULT_CAP,)):  # cap of adaptive ones
                     result = _run_one(engine, variants, method, budget, prompt, prompt_ids, cfg, assistant, llm)
                     if result is not None:
                         batch.append(_row(quant, suite, index, prompt, method, budget, result, ar))

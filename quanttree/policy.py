@@ -105,18 +105,24 @@ class TreeSizer:
 
     caddtree: the greedy stopping rule on the convex fit of C_v.
     bastion:  the greedy rule on the calibrated roofline estimate, never below `min_nodes`.
-    auto:     the exact argmax on the raw measured table, n = 0 included; before drafting it
-              compares the expected throughput of speculation (from recent rounds) with plain
-              decoding and skips the drafter when speculation does not pay (probing every
-              `probe_every` rounds so it notices when that changes).
+    auto:     the exact argmax on the raw measured table, n = 0 included. Before drafting it
+              checks that speculation pays, twice: predicted (recent rounds' expected gain on
+              the measured curve beats plain decoding) and realized (measured tokens per ms of
+              drafted rounds beat those of plain rounds). When either says no it decodes plainly,
+              probing with a drafted round after `probe_every` plain rounds, the interval doubling
+              (to `max_probe_every`) while probes keep losing.
     """
 
-    def __init__(self, method: str, cost, cap: int, depths: int, probe_every: int = 8, min_nodes: int = 0):
+    def __init__(self, method: str, cost, cap: int, depths: int, probe_every: int = 8, min_nodes: int = 0,
+                 max_probe_every: int = 64, realized_ema: float = 0.2):
         self.method, self.cost, self.cap = method, cost, cap
         self.calibrator = AcceptanceCalibrator(depths)
         self.expected_phi: np.ndarray | None = None
         self.overhead_ms = cost.profile.overhead_ms
         self.probe_every, self.min_nodes = probe_every, min_nodes
+        self.base_probe_every, self.max_probe_every = probe_every, max_probe_every
+        self.realized: dict[str, float | None] = {"spec": None, "plain": None}  # EMA tokens per ms
+        self.realized_ema = realized_ema
         self.skipped = 0
         self.chosen: list[int] = []
         # per verified round: expected accepted tokens of the chosen tree from the drafter's raw
@@ -131,16 +137,29 @@ class TreeSizer:
             return np.array([self.cost.roofline_ms(n, context) for n in range(1, self.cap + 2)])
         return self.cost.verify_curve(self.cap + 1, context, smooth=smooth)
 
+    def speculation_pays(self, context: int) -> bool:
+        verify = self._curve(context, smooth=False)
+        fixed = self.cost.draft_ms(context) + self.overhead_ms
+        predicted = throughput(self.expected_phi, verify, fixed)[1:].max(initial=0.0) > 1.0 / verify[0]
+        spec, plain = self.realized["spec"], self.realized["plain"]
+        plain = plain if plain is not None else 1.0 / verify[0]
+        return predicted and (spec is None or spec >= plain)
+
     def should_draft(self, context: int) -> bool:
         if self.method != "auto" or self.expected_phi is None:
             return True
-        verify = self._curve(context, smooth=False)
-        fixed = self.cost.draft_ms(context) + self.overhead_ms
-        spec = throughput(self.expected_phi, verify, fixed)[1:].max(initial=0.0)
-        if spec > 1.0 / verify[0] or self.skipped + 1 >= self.probe_every:
+        if 0 < self.skipped < self.probe_every:  # inside a plain streak: no evaluation at all
+            self.skipped += 1
+            self.chosen.append(0)
+            return False
+        if self.skipped:  # the streak ends with a probe; the next one is longer if this one loses
             self.skipped = 0
+            self.probe_every = min(2 * self.probe_every, self.max_probe_every)
             return True
-        self.skipped += 1
+        if self.speculation_pays(context):
+            self.probe_every = self.base_probe_every
+            return True
+        self.skipped = 1
         self.chosen.append(0)
         return False
 
@@ -163,13 +182,20 @@ class TreeSizer:
         return prune(tree, n)
 
     def observe(self, tree: Tree, accept_len: int, tokens: int, context: int, verify_ms: float,
-                overhead_ms: float) -> None:
+                overhead_ms: float, round_ms: float | None = None) -> None:
+        """After a verified round: acceptance, verify time, per-round overhead and (auto) the
+        round's realized tokens per ms, drafted or plain."""
         self.calibrator.update(tree, accept_len)
         if self._chose:  # rounds that skipped the drafter predicted nothing
             self.observed.append(accept_len)
-            self._chose = False
         self.cost.observe(tokens, context, verify_ms)
         self.overhead_ms = 0.9 * self.overhead_ms + 0.1 * overhead_ms
+        if round_ms is not None and round_ms > 0:
+            kind = "spec" if self._chose else "plain"
+            rate = (accept_len + 1) / round_ms
+            old = self.realized[kind]
+            self.realized[kind] = rate if old is None else (1 - self.realized_ema) * old + self.realized_ema * rate
+        self._chose = False
 
 
 def _ema_curve(old: np.ndarray, new: np.ndarray, ema: float = 0.2) -> np.ndarray:
