@@ -117,6 +117,34 @@ def test_profile_round_trip_and_online_correction(tmp_path):
     assert loaded.draft_ms(128) == pytest.approx(20, rel=0.01)
 
 
+def test_auto_trusts_measured_rounds_over_the_surrogate_and_backs_off_probes():
+    from quanttree.policy import TreeSizer
+
+    profile = CostProfile(key={"model": "m"}, sizes=SIZES, contexts=[128], verify_ms=[[20 + s for s in SIZES]],
+                          draft_ms=[2.0])
+    sizer = TreeSizer("auto", CostModel(profile), cap=16, depths=4)
+    sizer.expected_phi = np.array([0.0, 0.9, 1.7, 2.4, 3.0])  # the drafter promises a lot
+    assert sizer.should_draft(128)  # predicted gain beats plain decoding and nothing is measured yet
+    tree = build_tree(torch.log_softmax(torch.randn(4, 8), -1), 1, 4)
+    sizer.choose(tree, 128)
+    sizer.observe(tree, 0, 5, 128, 25.0, 1.0, round_ms=40.0)  # ... but drafted rounds deliver 1/40 tok/ms
+    sizer.observe(plain_round(), 0, 1, 128, 21.0, 0.5, round_ms=21.0)  # plain rounds 1/21
+    pattern = [sizer.should_draft(128) for _ in range(30)]
+    assert pattern[:9] == [False] * 8 + [True]  # a plain streak, then one probe
+    assert pattern[9:26] == [False] * 16 + [True]  # the probe did not win: the next streak is twice as long
+    assert sizer.chosen[1:] == [0] * 28 and sizer.probe_every == 32
+    # when drafted rounds measure faster again, auto drafts every round
+    sizer.realized["spec"] = 1 / 10
+    sizer.skipped = 0
+    assert all(sizer.should_draft(128) for _ in range(5)) and sizer.probe_every == 8
+
+
+def plain_round():
+    from quanttree.tree import root_only
+
+    return root_only(1)
+
+
 # ---------------------------------------------------------------- adaptive methods in the decode loop
 
 def test_adaptive_methods_are_lossless_and_auto_falls_back_to_ar(tiny_dirs, tmp_path, monkeypatch):
