@@ -7,6 +7,7 @@ forwards as a fraction of verify time, and greedy divergences from AR (with AR's
 gap at the divergence, to tell near-ties from bugs).
 
     python benchmarks/speculative.py --quant bf16 --prompts 20 --methods dflash,ddtree:32
+    (method d2sd-dflash: d2sd re-drafting with the DFlash weights, beside d2sd with the VP drafter)
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def run(args) -> list[dict]:
             engine = quanttree.load(args.target, drafter=args.drafter, quant=quant,
                                     drafter_quant=None if dq == "same" else dq, device=args.device,
                                     log=lambda *_: None)
+            engines = {"d2sd-dflash": quanttree.Engine(engine.loaded, engine.drafter, engine.drafter_quant)}
             engine.generate(prompts[0], method="ar", max_new_tokens=8)
             engine.generate(prompts[0], method="dflash", max_new_tokens=8)
             for p_index, prompt in enumerate(prompts):
@@ -55,7 +57,9 @@ def run(args) -> list[dict]:
                     ar = engine.generate(prompt, method="ar", max_new_tokens=args.max_new_tokens)
                     rows.append(row_for(quant, dq, "ar", 0, p_index, ar, None))
                 for method, budget in parse_methods(args.methods):
-                    res = engine.generate(prompt, method=method, budget=budget, max_new_tokens=args.max_new_tokens)
+                    runner = engines.get(method, engine)  # d2sd-dflash: d2sd without the VP drafter
+                    res = runner.generate(prompt, method=method.split("-")[0], budget=budget,
+                                          max_new_tokens=args.max_new_tokens)
                     div = divergence(engine, prompt, ar.token_ids, res.token_ids) if ar else None
                     rows.append(row_for(quant, dq, method, budget, p_index, res, div, ar))
                 print(f"{quant}/{dq} prompt {p_index + 1}/{len(prompts)}", file=sys.stderr, flush=True)

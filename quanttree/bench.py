@@ -189,6 +189,7 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
     from tqdm import tqdm
 
     from .engine import DEFAULT_CAP, load
+    from .policy import ADAPTIVE_METHODS
 
     prompts = load_suite(cfg.suite, cfg.prompts)
     rows, done = resume_rows(cfg)
@@ -222,7 +223,8 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
             for method in cfg.methods:
                 if method == "ar" or (method in OUR_METHODS and engine.drafter is None):
                     continue
-                for budget in (cfg.budgets if method == "ddtree" else (DEFAULT_CAP,)):  # cap of adaptive ones
+                budgets = {"ddtree": cfg.budgets, **{m: (DEFAULT_CAP,) for m in ADAPTIVE_METHODS}}.get(method, (None,))
+                for budget in budgets:  # None: the method's own default
                     result = _run_one(engine, variants, method, budget, prompt, prompt_ids, cfg, assistant, llm)
                     if result is not None:
                         batch.append(_row(quant, suite, index, prompt, method, budget, result, ar))

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--method", default=None, choices=METHODS, help="decoding method (default: auto with a "
                      "drafter, else ar)")
     gen.add_argument("--budget", type=int, default=None,
-                     help="tree node budget for ddtree (default 8; the cap for adaptive methods, default 64)")
+                     help="tree nodes: ddtree's budget (default 8), the cap of adaptive methods (default 64), "
+                          "d2sd's trim (default: the whole merged tree)")
     gen.add_argument("--branches", type=int, default=4, help="d2sd: rejection points re-drafted per round")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

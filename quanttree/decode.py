@@ -16,7 +16,7 @@ from . import kvcache
 from .drafter import DFlashDrafter
 from .errors import QuanttreeError
 from .kvcache import ContextKV
-from .policy import ADAPTIVE_METHODS, TreeSizer
+from .policy import ADAPTIVE_METHODS, TreeSizer, prune
 from .sampling import SamplingParams, make_generator, select_tokens
 from .target import Target
 from .tree import Tree, build_branch_tree, build_chain, build_tree, compile_tree, map_tokens, \
@@ -155,8 +155,8 @@ def propose(method: str, draft: DraftContext | None, root: int, start: int, cfg:
     t1 = clock()
     if method == "dflash":
         tree = build_chain(log_probs, root)
-    elif method == "d2sd":
-        tree = build_branch_tree(log_probs, branch_lp, prefixes, root)
+    elif method == "d2sd":  # trimmed to the `budget` most probable nodes (prefix-closed)
+        tree = prune(build_branch_tree(log_probs, branch_lp, prefixes, root), cfg.budget)
     else:
         tree = build_tree(log_probs, root, cfg.budget)
     if sizer is not None:

@@ -22,6 +22,7 @@ from .target import Target
 Prompt = str | Sequence[dict]
 DEFAULT_BUDGET = 8  # benchmarks/results/speculative_bf16.md: budget 8 beat 4 and 32 on CPU bf16
 DEFAULT_CAP = 64
+D2SD_UNTRIMMED = 1024
 
 
 @dataclass
@@ -161,8 +162,9 @@ class Engine:
     def decode_config(self, method: str, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                       seed: int | None, budget: int | None, branches: int = 4) -> DecodeConfig:
         method = method or self.default_method
-        if budget is None:  # ddtree: the best fixed budget measured on CPU bf16; adaptive methods: their cap
-            budget = DEFAULT_BUDGET if method not in ADAPTIVE_METHODS else DEFAULT_CAP
+        if budget is None:  # ddtree: the best fixed budget measured on CPU bf16; adaptive methods: their cap;
+            # d2sd: the whole merged tree (at most (branches + 1) x (block - 1) nodes)
+            budget = {"d2sd": D2SD_UNTRIMMED}.get(method, DEFAULT_CAP if method in ADAPTIVE_METHODS else DEFAULT_BUDGET)
         if method not in METHODS:
             raise QuanttreeError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
         if method != "ar" and self.drafter is None:

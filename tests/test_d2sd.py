@@ -62,6 +62,11 @@ def test_d2sd_greedy_equals_ar_with_and_without_vp(tiny_dirs, d2sd_dirs):
             out = engine.generate("the cat sat on", method="d2sd", branches=branches, max_new_tokens=30, chat=False)
             assert out.token_ids == ar.token_ids
             assert out.stats.mean_tree_size > 7  # the chain plus branches were verified together
+        trimmed = [event.step.tree_size for event in engine.stream("the cat sat on", method="d2sd", budget=5,
+                                                               max_new_tokens=30, chat=False) if event.step.tree_size]
+        assert trimmed and max(trimmed) <= 5  # the merged tree trimmed to its 5 most probable nodes
+        assert engine.generate("the cat sat on", method="d2sd", budget=5, max_new_tokens=30,
+                               chat=False).token_ids == ar.token_ids
 
 
 def test_vp_drafter_must_match(tiny_dirs, tmp_path):
