@@ -223,11 +223,15 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
             for method in cfg.methods:
                 if method == "ar" or (method in OUR_METHODS and engine.drafter is None):
                     continue
-                budgets = {"ddtree": cfg.budgets, **{m: (DEFAULT_CAP,) for m in ADAPTIVE_METHODS}}.get(method, (None,))
-                for budget in budgets:  # None: the method's own default
+                budgets = {"ddtree": cfg.budgets, "d2sd": (max(cfg.budgets),), "d2sd_dflash": (max(cfg.budgets),),
+                           **{m: (DEFAULT_CAP,) for m in ADAPTIVE_METHODS}}.get(method, (None,))
+                for budget in budgets:  # d2sd: trimmed to the largest budget; None: the method's default
                     result = _run_one(engine, variants, method, budget, prompt, prompt_ids, cfg, assistant, llm)
                     if result is not None:
                         batch.append(_row(quant, suite, index, prompt, method, budget, result, ar))
+                        if batch[-1]["matches_ar"] is False:  # a near tie, or a bug? AR's top-2 gap there
+                            where = engine.divergence(prompt, ar["ids"], result["ids"])
+                            batch[-1]["ar_top2_gap"] = where[1] if where else None
             with open(cfg.out / "rows.jsonl", "a") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in batch))
             rows += batch
@@ -333,7 +337,8 @@ def summarize(rows: list[dict]) -> list[dict]:
                     "tau": tau, "tree": statistics.mean(r["tree"] for r in rs), "phase_ms_per_round": phases,
                     "peak_mb": max(r["peak_mb"] for r in rs),
                     "tau_vs_fp32": (tau / fp32_tau[(method, budget)]) if tau and (method, budget) in fp32_tau else None,
-                    "mismatches": sum(1 for r in rs if r["matches_ar"] is False), "prompts": len(rs)})
+                    "mismatches": sum(1 for r in rs if r["matches_ar"] is False), "prompts": len(rs),
+                    "max_gap": max((r["ar_top2_gap"] for r in rs if r.get("ar_top2_gap") is not None), default=None)})
     return sorted(out, key=lambda s: (s["quant"], s["method"] != "ar", s["method"], s["budget"]))
 
 
@@ -367,15 +372,16 @@ def policy_report(rows: list[dict], summary: list[dict]) -> str:
 
 def markdown(summary: list[dict], notes: list[str]) -> str:
     lines = ["| quant | method | budget | tok/s | speedup vs our AR | tau | tau vs fp32 | tree | "
-             "draft / verify / build+walk ms per round | peak MB | greedy != AR |",
+             "draft / verify / build+walk ms per round | peak MB | greedy != AR (max AR top-2 logit gap there) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         ph = s["phase_ms_per_round"]
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        gap = "" if s.get("max_gap") is None else f" ({s['max_gap']:.3f})"
         lines.append(f"| {s['quant']} | {s['method']} | {s['budget'] or '-'} | {s['tps']:.1f} | {s['speedup']:.2f}x | "
                      f"{fmt(s['tau'], '.2f')} | {fmt(s['tau_vs_fp32'], '.2f')} | {s['tree']:.1f} | "
                      f"{ph['draft']:.1f} / {ph['verify']:.1f} / {ph['build'] + ph['walk']:.1f} | {s['peak_mb']:.0f} | "
-                     f"{'**' + str(s['mismatches']) + '**' if s['mismatches'] else 0}/{s['prompts']} |")
+                     f"{'**' + str(s['mismatches']) + '**' if s['mismatches'] else 0}/{s['prompts']}{gap} |")
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 

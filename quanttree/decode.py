@@ -116,8 +116,9 @@ class DraftContext:
 
     def _log_softmax(self, hidden: torch.Tensor) -> torch.Tensor:
         """Drafter states [..., H] -> log-probs over the draft vocabulary (or the full one)."""
-        if self.head is not None:
-            logits = hidden.to(device=self.head.device, dtype=self.head.dtype) @ self.head.T
+        if self.head is not None:  # 2D matmul: a batched [K, D, H] @ head.T would copy the head K times
+            flat = hidden.reshape(-1, hidden.shape[-1]).to(device=self.head.device, dtype=self.head.dtype)
+            logits = (flat @ self.head.T).view(*hidden.shape[:-1], -1)
         else:
             logits = self.target.lm_head(hidden)
         return torch.log_softmax(logits.float(), dim=-1)

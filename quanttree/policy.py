@@ -114,15 +114,17 @@ class TreeSizer:
     """
 
     def __init__(self, method: str, cost, cap: int, depths: int, probe_every: int = 8, min_nodes: int = 0,
-                 max_probe_every: int = 64, realized_ema: float = 0.2):
+                 max_probe_every: int = 64, realized_ema: float = 0.05, margin: float = 0.95):
         self.method, self.cost, self.cap = method, cost, cap
         self.calibrator = AcceptanceCalibrator(depths)
         self.expected_phi: np.ndarray | None = None
         self.overhead_ms = cost.profile.overhead_ms
         self.probe_every, self.min_nodes = probe_every, min_nodes
         self.base_probe_every, self.max_probe_every = probe_every, max_probe_every
-        self.realized: dict[str, float | None] = {"spec": None, "plain": None}  # EMA tokens per ms
-        self.realized_ema = realized_ema
+        # EMAs of committed tokens and of ms per round, drafted or plain: their ratio is the
+        # realized rate (a ratio of sums, steadier than a mean of per-round rates)
+        self.realized: dict[str, tuple[float, float] | None] = {"spec": None, "plain": None}
+        self.realized_ema, self.margin = realized_ema, margin
         self.skipped = 0
         self.chosen: list[int] = []
         # per verified round: expected accepted tokens of the chosen tree from the drafter's raw
@@ -141,9 +143,14 @@ class TreeSizer:
         verify = self._curve(context, smooth=False)
         fixed = self.cost.draft_ms(context) + self.overhead_ms
         predicted = throughput(self.expected_phi, verify, fixed)[1:].max(initial=0.0) > 1.0 / verify[0]
-        spec, plain = self.realized["spec"], self.realized["plain"]
+        spec, plain = self.realized_rate("spec"), self.realized_rate("plain")
         plain = plain if plain is not None else 1.0 / verify[0]
-        return predicted and (spec is None or spec >= plain)
+        return predicted and (spec is None or spec >= self.margin * plain)
+
+    def realized_rate(self, kind: str) -> float | None:
+        """Measured tokens per ms of drafted ("spec") or plain rounds, None before any."""
+        sums = self.realized[kind]
+        return sums[0] / sums[1] if sums is not None else None
 
     def should_draft(self, context: int) -> bool:
         if self.method != "auto" or self.expected_phi is None:
@@ -191,10 +198,9 @@ class TreeSizer:
         self.cost.observe(tokens, context, verify_ms)
         self.overhead_ms = 0.9 * self.overhead_ms + 0.1 * overhead_ms
         if round_ms is not None and round_ms > 0:
-            kind = "spec" if self._chose else "plain"
-            rate = (accept_len + 1) / round_ms
-            old = self.realized[kind]
-            self.realized[kind] = rate if old is None else (1 - self.realized_ema) * old + self.realized_ema * rate
+            kind, a = ("spec" if self._chose else "plain"), self.realized_ema
+            old = self.realized[kind] or (accept_len + 1, round_ms)
+            self.realized[kind] = ((1 - a) * old[0] + a * (accept_len + 1), (1 - a) * old[1] + a * round_ms)
         self._chose = False
 
 

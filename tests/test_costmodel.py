@@ -134,7 +134,7 @@ def test_auto_trusts_measured_rounds_over_the_surrogate_and_backs_off_probes():
     assert pattern[9:26] == [False] * 16 + [True]  # the probe did not win: the next streak is twice as long
     assert sizer.chosen[1:] == [0] * 28 and sizer.probe_every == 32
     # when drafted rounds measure faster again, auto drafts every round
-    sizer.realized["spec"] = 1 / 10
+    sizer.realized["spec"] = (1.0, 10.0)
     sizer.skipped = 0
     assert all(sizer.should_draft(128) for _ in range(5)) and sizer.probe_every == 8
 
