@@ -24,9 +24,10 @@ from .errors import QuanttreeError
 REPO = Path(__file__).resolve().parents[1]
 OUR_METHODS = ("ar", "dflash", "ddtree", "caddtree", "bastion", "auto", "d2sd")
 # bench-only variants of our methods: d2sd re-drafting with the DFlash weights (no VP drafter), and
-# ddtree at the default budget with a bf16 drafter on a 4/8-bit target (splits the acceptance loss
-# of quantizing the target from that of quantizing the drafter)
-VARIANTS = ("d2sd_dflash", "ddtree_bf16_drafter")
+# ddtree at the default budget with the drafter quantized like a 4/8-bit target (by default the
+# drafter only follows the target's compute dtype): the acceptance lost to quantizing the drafter,
+# beside "tau vs fp32", the acceptance lost to quantizing the target
+VARIANTS = ("d2sd_dflash", "ddtree_quant_drafter")
 PEERS = ("hf_generate", "hf_prompt_lookup", "hf_assisted", "llama_cpp")
 
 
@@ -204,9 +205,11 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
     for quant in cfg.quants:
         todo = [(i, sp) for i, sp in enumerate(prompts) if (quant, i) not in done]
         needs_profile = any(m in cfg.methods for m in ("caddtree", "bastion", "auto"))
-        if not todo and not needs_profile:
-            continue
         engine = load(cfg.target, drafter=cfg.drafter, quant=quant, log=lambda *_: None)
+        weights_mb = engine.target.model.get_memory_footprint() / 2**20  # the target's weights in this mode
+        for r in rows:
+            if r["quant"] == quant:
+                r.setdefault("weights_mb", weights_mb)
         if engine.drafter is not None and needs_profile:
             profiles[engine.quant] = engine.cost_model(progress=True).profile
         if not todo:
@@ -219,7 +222,7 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
         for index, (suite, prompt) in todo:
             prompt_ids = engine.encode(prompt)
             ar = run_ours(engine, prompt, "ar", 1, cfg.max_new_tokens)
-            batch = [_row(quant, suite, index, prompt, "ar", 0, ar, ar)]
+            batch = [_row(quant, suite, index, prompt, "ar", 0, ar, ar, weights_mb)]
             for method in cfg.methods:
                 if method == "ar" or (method in OUR_METHODS and engine.drafter is None):
                     continue
@@ -228,7 +231,7 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
                 for budget in budgets:  # d2sd: trimmed to the largest budget; None: the method's default
                     result = _run_one(engine, variants, method, budget, prompt, prompt_ids, cfg, assistant, llm)
                     if result is not None:
-                        batch.append(_row(quant, suite, index, prompt, method, budget, result, ar))
+                        batch.append(_row(quant, suite, index, prompt, method, budget, result, ar, weights_mb))
                         if batch[-1]["matches_ar"] is False:  # a near tie, or a bug? AR's top-2 gap there
                             where = engine.divergence(prompt, ar["ids"], result["ids"])
                             batch[-1]["ar_top2_gap"] = where[1] if where else None
@@ -265,6 +268,7 @@ def resume_rows(cfg: BenchConfig) -> tuple[list[dict], set[tuple[str, int]]]:
 def variant_engines(engine, cfg: BenchConfig, notes: list[str]) -> dict:
     """Engines sharing this engine's target, for the bench-only variants."""
     from .engine import Engine, load_drafter, shipped_drafter
+    from .models import BNB_MODES
 
     out = {}
     if engine.drafter is None:
@@ -274,9 +278,9 @@ def variant_engines(engine, cfg: BenchConfig, notes: list[str]) -> dict:
     elif "d2sd_dflash" in cfg.methods:
         notes.append("no variable-prefix drafter: the d2sd rows re-draft with the DFlash weights (DFlash->DFlash)")
     path = shipped_drafter(cfg.target) if cfg.drafter == "auto" else cfg.drafter
-    if "ddtree_bf16_drafter" in cfg.methods and engine.drafter_quant not in ("bf16", "fp32", "fp16") and path:
-        drafter, mode = load_drafter(path, engine.target, "bf16")
-        out["ddtree_bf16_drafter"] = Engine(engine.loaded, drafter, mode)
+    if "ddtree_quant_drafter" in cfg.methods and engine.quant in BNB_MODES and path:
+        drafter, mode = load_drafter(path, engine.target, engine.quant)
+        out["ddtree_quant_drafter"] = Engine(engine.loaded, drafter, mode)
     return out
 
 
@@ -285,7 +289,7 @@ def _run_one(engine, variants, method, budget, prompt, prompt_ids, cfg, assistan
         return run_ours(engine, prompt, method, budget, cfg.max_new_tokens)
     if method == "d2sd_dflash" and method in variants:
         return run_ours(variants[method], prompt, "d2sd", budget, cfg.max_new_tokens)
-    if method == "ddtree_bf16_drafter" and method in variants:
+    if method == "ddtree_quant_drafter" and method in variants:
         from .engine import DEFAULT_BUDGET
 
         return run_ours(variants[method], prompt, "ddtree", DEFAULT_BUDGET, cfg.max_new_tokens)
@@ -302,13 +306,14 @@ def _run_one(engine, variants, method, budget, prompt, prompt_ids, cfg, assistan
     return None
 
 
-def _row(quant, suite, index, prompt, method, budget, result, ar) -> dict:
+def _row(quant, suite, index, prompt, method, budget, result, ar, weights_mb) -> dict:
     lossless = method in OUR_METHODS + VARIANTS or method.startswith("hf_")
-    if method == "ddtree_bf16_drafter":
+    if method == "ddtree_quant_drafter":
         from .engine import DEFAULT_BUDGET
 
         budget = DEFAULT_BUDGET
     return {"quant": quant, "suite": suite, "index": index, "prompt": prompt[:80], "method": method, "budget": budget,
+            "weights_mb": weights_mb,
             "tps": result["tps"], "speedup": result["tps"] / ar["tps"] if ar["tps"] else None, "tau": result["tau"],
             "tree": result["tree"], "rounds": result["rounds"], "phase_ms": result["phase_ms"],
             "peak_mb": result["peak_mb"], "tokens": len(result["ids"]), "chosen_sizes": result.get("chosen_sizes", []),
@@ -335,7 +340,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                     "tps": statistics.mean(r["tps"] for r in rs),
                     "speedup": statistics.mean(r["speedup"] for r in rs if r["speedup"] is not None),
                     "tau": tau, "tree": statistics.mean(r["tree"] for r in rs), "phase_ms_per_round": phases,
-                    "peak_mb": max(r["peak_mb"] for r in rs),
+                    "peak_mb": max(r["peak_mb"] for r in rs), "weights_mb": max(r.get("weights_mb", 0.0) for r in rs),
                     "tau_vs_fp32": (tau / fp32_tau[(method, budget)]) if tau and (method, budget) in fp32_tau else None,
                     "mismatches": sum(1 for r in rs if r["matches_ar"] is False), "prompts": len(rs),
                     "max_gap": max((r["ar_top2_gap"] for r in rs if r.get("ar_top2_gap") is not None), default=None)})
@@ -372,15 +377,15 @@ def policy_report(rows: list[dict], summary: list[dict]) -> str:
 
 def markdown(summary: list[dict], notes: list[str]) -> str:
     lines = ["| quant | method | budget | tok/s | speedup vs our AR | tau | tau vs fp32 | tree | "
-             "draft / verify / build+walk ms per round | peak MB | greedy != AR (max AR top-2 logit gap there) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "draft / verify / build+walk ms per round | weights MB | peak RSS MB | greedy != AR (max AR top-2 logit gap there) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         ph = s["phase_ms_per_round"]
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         gap = "" if s.get("max_gap") is None else f" ({s['max_gap']:.3f})"
         lines.append(f"| {s['quant']} | {s['method']} | {s['budget'] or '-'} | {s['tps']:.1f} | {s['speedup']:.2f}x | "
                      f"{fmt(s['tau'], '.2f')} | {fmt(s['tau_vs_fp32'], '.2f')} | {s['tree']:.1f} | "
-                     f"{ph['draft']:.1f} / {ph['verify']:.1f} / {ph['build'] + ph['walk']:.1f} | {s['peak_mb']:.0f} | "
+                     f"{ph['draft']:.1f} / {ph['verify']:.1f} / {ph['build'] + ph['walk']:.1f} | {s['weights_mb']:.0f} | {s['peak_mb']:.0f} | "
                      f"{'**' + str(s['mismatches']) + '**' if s['mismatches'] else 0}/{s['prompts']}{gap} |")
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
@@ -435,15 +440,22 @@ def plot_all(summary: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "tau_vs_budget.png", dpi=120)
 
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(7.5, 4.5))
     ax = fig.subplots()
-    for q in quants:
-        best = max((s for s in summary if s["quant"] == q), key=lambda s: s["tps"])
-        ar = next(s for s in summary if s["quant"] == q and s["method"] == "ar")
-        ax.plot([ar["peak_mb"], best["peak_mb"]], [ar["tps"], best["tps"]], "-", color="#999999")
-        ax.scatter([ar["peak_mb"]], [ar["tps"]], marker="o", label=f"{q} AR")
-        ax.scatter([best["peak_mb"]], [best["tps"]], marker="*", s=120, label=f"{q} best ({best['method']})")
-    ax.set_xlabel("peak memory (MB)")
+    for q in quants:  # per mode: plain decoding, our best method, the best peer
+        mode = [s for s in summary if s["quant"] == q]
+        ar = next(s for s in mode if s["method"] == "ar")
+        ours = max((s for s in mode if s["method"] in OUR_METHODS + VARIANTS), key=lambda s: s["tps"])
+        peers = [s for s in mode if s["method"] in PEERS]
+        x = ar["weights_mb"] or ar["peak_mb"]
+        line = ax.plot([x, x], [ar["tps"], ours["tps"]], "-", lw=6, alpha=0.25)[0]
+        ax.scatter([x], [ar["tps"]], marker="o", color=line.get_color(), label=f"{q}: our AR")
+        ax.scatter([x], [ours["tps"]], marker="*", s=140, color=line.get_color(),
+                   label=f"{q}: best of ours ({ours['method']}{' ' + str(ours['budget']) if ours['budget'] else ''})")
+        if peers:
+            peer = max(peers, key=lambda s: s["tps"])
+            ax.scatter([x], [peer["tps"]], marker="^", color=line.get_color(), label=f"{q}: best peer ({peer['method']})")
+    ax.set_xlabel("target weights in memory (MB)")
     ax.set_ylabel("decode tokens/s")
     ax.set_title("Speed vs memory per quant mode")
     ax.legend(fontsize=7)
