@@ -390,13 +390,34 @@ def markdown(summary: list[dict], notes: list[str]) -> str:
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 
+def command_line(cfg: BenchConfig) -> str:
+    return (f"quanttree bench --suite {cfg.suite} --quant {','.join(cfg.quants)} --methods {','.join(cfg.methods)} "
+            f"--budgets {','.join(map(str, cfg.budgets))} --prompts {cfg.prompts} "
+            f"--max-new-tokens {cfg.max_new_tokens} --target {cfg.target} --out {cfg.out}")
+
+
+def machine() -> str:
+    """CPU model, cores and GPU (if any), for the results header."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}"
+
+
 def write_outputs(cfg: BenchConfig, rows: list[dict], notes: list[str]) -> None:
     from .models import library_versions
 
     (cfg.out / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = summarize(rows)
     header = (f"# quanttree bench: suite {cfg.suite}, {cfg.prompts} prompts, {cfg.max_new_tokens} new tokens\n\n"
-              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cores; "
+              f"Command: `{command_line(cfg)}`\n\n"
+              f"Machine: {machine()}; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
               f"{json.dumps(library_versions())}\n\n")
     (cfg.out / "summary.md").write_text(header + markdown(summary, notes) + "\n## Tree-size policies\n\n"
                                         + policy_report(rows, summary))
