@@ -27,7 +27,7 @@ OUR_METHODS = ("ar", "dflash", "ddtree", "caddtree", "bastion", "auto", "d2sd")
 # ddtree at the default budget with the drafter quantized like a 4/8-bit target (by default the
 # drafter only follows the target's compute dtype): the acceptance lost to quantizing the drafter,
 # beside "tau vs fp32", the acceptance lost to quantizing the target
-VARIANTS = ("d2sd_dflash", "ddtree_quant_drafter")
+VARIANTS = {"d2sd_dflash": "d2sd", "ddtree_quant_drafter": "ddtree"}  # row name -> the method it runs
 PEERS = ("hf_generate", "hf_prompt_lookup", "hf_assisted", "llama_cpp")
 
 
@@ -35,7 +35,7 @@ PEERS = ("hf_generate", "hf_prompt_lookup", "hf_assisted", "llama_cpp")
 class BenchConfig:
     suite: str = "humaneval"
     quants: tuple[str, ...] = ("fp32", "bf16", "int8", "nf4")
-    methods: tuple[str, ...] = OUR_METHODS + VARIANTS + PEERS
+    methods: tuple[str, ...] = OUR_METHODS + tuple(VARIANTS) + PEERS
     budgets: tuple[int, ...] = (4, 8, 16, 32, 64)
     prompts: int = 10
     max_new_tokens: int = 128
@@ -189,7 +189,7 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
     rows.jsonl at once, so an interrupted run continues where it stopped."""
     from tqdm import tqdm
 
-    from .engine import DEFAULT_CAP, load
+    from .engine import DEFAULT_BUDGET, DEFAULT_CAP, load
     from .policy import ADAPTIVE_METHODS
 
     prompts = load_suite(cfg.suite, cfg.prompts)
@@ -227,6 +227,7 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
                 if method == "ar" or (method in OUR_METHODS and engine.drafter is None):
                     continue
                 budgets = {"ddtree": cfg.budgets, "d2sd": (max(cfg.budgets),), "d2sd_dflash": (max(cfg.budgets),),
+                           "ddtree_quant_drafter": (DEFAULT_BUDGET,),
                            **{m: (DEFAULT_CAP,) for m in ADAPTIVE_METHODS}}.get(method, (None,))
                 for budget in budgets:  # d2sd: trimmed to the largest budget; None: the method's default
                     result = _run_one(engine, variants, method, budget, prompt, prompt_ids, cfg, assistant, llm)
@@ -287,12 +288,8 @@ def variant_engines(engine, cfg: BenchConfig, notes: list[str]) -> dict:
 def _run_one(engine, variants, method, budget, prompt, prompt_ids, cfg, assistant, llm):
     if method in OUR_METHODS:
         return run_ours(engine, prompt, method, budget, cfg.max_new_tokens)
-    if method == "d2sd_dflash" and method in variants:
-        return run_ours(variants[method], prompt, "d2sd", budget, cfg.max_new_tokens)
-    if method == "ddtree_quant_drafter" and method in variants:
-        from .engine import DEFAULT_BUDGET
-
-        return run_ours(variants[method], prompt, "ddtree", DEFAULT_BUDGET, cfg.max_new_tokens)
+    if method in variants:
+        return run_ours(variants[method], prompt, VARIANTS[method], budget, cfg.max_new_tokens)
     if method == "hf_generate":
         return run_hf(engine, prompt_ids, cfg.max_new_tokens, hf_prefill_s(engine, prompt_ids))
     if method == "hf_prompt_lookup":
@@ -307,11 +304,7 @@ def _run_one(engine, variants, method, budget, prompt, prompt_ids, cfg, assistan
 
 
 def _row(quant, suite, index, prompt, method, budget, result, ar, weights_mb) -> dict:
-    lossless = method in OUR_METHODS + VARIANTS or method.startswith("hf_")
-    if method == "ddtree_quant_drafter":
-        from .engine import DEFAULT_BUDGET
-
-        budget = DEFAULT_BUDGET
+    lossless = method in OUR_METHODS or method in VARIANTS or method.startswith("hf_")
     return {"quant": quant, "suite": suite, "index": index, "prompt": prompt[:80], "method": method, "budget": budget,
             "weights_mb": weights_mb,
             "tps": result["tps"], "speedup": result["tps"] / ar["tps"] if ar["tps"] else None, "tau": result["tau"],
@@ -429,7 +422,7 @@ def plot_all(summary: list[dict], out: Path) -> None:
     from matplotlib.figure import Figure
 
     quants = sorted({s["quant"] for s in summary})
-    methods = [m for m in OUR_METHODS + VARIANTS + PEERS if any(s["method"] == m for s in summary) and m != "ar"]
+    methods = [m for m in OUR_METHODS + tuple(VARIANTS) + PEERS if any(s["method"] == m for s in summary) and m != "ar"]
     fig = Figure(figsize=(9, 4.5))
     ax = fig.subplots()
     width = 0.8 / max(len(methods), 1)
@@ -466,7 +459,7 @@ def plot_all(summary: list[dict], out: Path) -> None:
     for q in quants:  # per mode: plain decoding, our best method, the best peer
         mode = [s for s in summary if s["quant"] == q]
         ar = next(s for s in mode if s["method"] == "ar")
-        ours = max((s for s in mode if s["method"] in OUR_METHODS + VARIANTS), key=lambda s: s["tps"])
+        ours = max((s for s in mode if s["method"] in OUR_METHODS or s["method"] in VARIANTS), key=lambda s: s["tps"])
         peers = [s for s in mode if s["method"] in PEERS]
         x = ar["weights_mb"] or ar["peak_mb"]
         line = ax.plot([x, x], [ar["tps"], ours["tps"]], "-", lw=6, alpha=0.25)[0]

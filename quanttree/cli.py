@@ -203,10 +203,10 @@ def cmd_bench(args) -> int:
 
     from .bench import OUR_METHODS, PEERS, VARIANTS, BenchConfig, bench, quick
 
-    methods = tuple(args.methods.split(",")) if args.methods else OUR_METHODS + VARIANTS + PEERS
-    unknown = [m for m in methods if m not in OUR_METHODS + VARIANTS + PEERS]
+    methods = tuple(args.methods.split(",")) if args.methods else OUR_METHODS + tuple(VARIANTS) + PEERS
+    unknown = [m for m in methods if m not in OUR_METHODS + tuple(VARIANTS) + PEERS]
     if unknown:
-        raise QuanttreeError(f"unknown methods {unknown}: choose from {', '.join(OUR_METHODS + VARIANTS + PEERS)}")
+        raise QuanttreeError(f"unknown methods {unknown}: choose from {', '.join(OUR_METHODS + tuple(VARIANTS) + PEERS)}")
     quants = tuple(args.quant.split(","))
     bad = [q for q in quants if q not in QUANT_MODES]
     if bad:
