@@ -166,40 +166,90 @@ def interp(x: float, xs: list[float], ys: list[float]) -> float:
 
 
 class CostModel:
-    """Predicts round costs from a profile; `observe` corrects it online with an EMA ratio."""
+    """Predicts round costs from a profile and corrects them online from measured times.
 
-    def __init__(self, profile: CostProfile, ema: float = 0.1):
+    Two in-situ corrections, both EMAs of measured / profiled: a global ratio (drift: thermal,
+    other load; it also scales sizes never measured in decoding) and a per-size ratio at each grid
+    size the decode loop has actually run (its shape: a profile taken by repeating one forward in
+    a tight loop can be off by 10-20% for some sizes). A size's own ratio is shrunk toward the
+    global one until it has `trust` observations. The drafter pass has its own ratio."""
+
+    def __init__(self, profile: CostProfile, ema: float = 0.1, trust: float = 3.0):
         self.profile = profile
-        self.ema = ema
+        self.ema, self.trust = ema, trust
         self.ratio = 1.0
+        self.size_ratio = np.ones(len(profile.sizes))  # [S] per grid size
+        self.size_weight = np.zeros(len(profile.sizes))  # [S] observations seen per grid size
+        self.draft_ratio = 1.0
 
     def _table(self, smooth: bool) -> list[list[float]]:
         return self.profile.fitted_ms if smooth else self.profile.verify_ms
 
+    def profiled_ms(self, tokens: int, context: int, smooth: bool = False) -> float:
+        """C_v as profiled, before any online correction."""
+        per_context = [interp(tokens, self.profile.sizes, row) for row in self._table(smooth)]
+        return interp(context, self.profile.contexts, per_context)
+
+    def correction(self, tokens: int) -> float:
+        """The online correction factor of a `tokens`-token verify."""
+        trust = self.size_weight / (self.size_weight + self.trust)
+        ratios = self.ratio + trust * (self.size_ratio - self.ratio)
+        return interp(tokens, self.profile.sizes, list(ratios))
+
     def verify_ms(self, tokens: int, context: int, smooth: bool = False) -> float:
-        """C_v for a forward of `tokens` new tokens after `context` cached ones."""
-        rows = self._table(smooth)
-        per_context = [interp(tokens, self.profile.sizes, row) for row in rows]
-        return self.ratio * interp(context, self.profile.contexts, per_context)
+        """C_v for a forward of `tokens` new tokens after `context` cached ones. The convex fit
+        (smooth) gets the drift ratio only: a per-size correction would undo its convexity."""
+        factor = self.ratio if smooth else self.correction(tokens)
+        return factor * self.profiled_ms(tokens, context, smooth)
 
     def verify_curve(self, max_tokens: int, context: int, smooth: bool = False) -> np.ndarray:
         """C_v(n) for n = 1..max_tokens tokens. [max_tokens]"""
         return np.array([self.verify_ms(n, context, smooth) for n in range(1, max_tokens + 1)])
 
     def roofline_ms(self, tokens: int, context: int) -> float:
-        """BASTION's calibrated roofline estimate of C_v (with the same online correction)."""
+        """BASTION's calibrated roofline estimate of C_v (with the drift correction)."""
         a_c, b_c, a_m, b_m = self.profile.roofline
         flops, nbytes = roofline_terms(self.profile.shape, tokens, context)
         return self.ratio * max(a_c * flops / 1e9 + b_c, a_m * nbytes / 1e9 + b_m)
 
     def draft_ms(self, context: int) -> float:
-        return self.ratio * interp(context, self.profile.contexts, self.profile.draft_ms)
+        return self.draft_ratio * interp(context, self.profile.contexts, self.profile.draft_ms)
 
     def observe(self, tokens: int, context: int, measured_ms: float) -> None:
-        """Fold a measured verify time into the correction ratio."""
-        predicted = self.verify_ms(tokens, context) / self.ratio
-        if predicted > 0 and measured_ms > 0:
-            self.ratio = (1 - self.ema) * self.ratio + self.ema * (measured_ms / predicted)
+        """Fold a measured verify time into the drift ratio and the ratios of the two grid sizes
+        around `tokens` (weighted by closeness)."""
+        profiled = self.profiled_ms(tokens, context)
+        if profiled <= 0 or measured_ms <= 0:
+            return
+        r = measured_ms / profiled
+        self.ratio = (1 - self.ema) * self.ratio + self.ema * r
+        sizes = self.profile.sizes
+        i = min(max(int(np.searchsorted(sizes, tokens, side="right")) - 1, 0), len(sizes) - 1)
+        j = min(i + 1, len(sizes) - 1)
+        t = 0.0 if i == j else min(max((tokens - sizes[i]) / (sizes[j] - sizes[i]), 0.0), 1.0)
+        for k, w in ((i, 1 - t), (j, t)):
+            if w > 0:
+                step = self.ema * w if self.size_weight[k] > 0 else w  # the first observation sets it
+                self.size_ratio[k] += step * (r - self.size_ratio[k])
+                self.size_weight[k] += w
+
+    def observe_draft(self, context: int, measured_ms: float) -> None:
+        """Fold a measured drafter pass (with its context absorption) into the draft ratio."""
+        profiled = interp(context, self.profile.contexts, self.profile.draft_ms)
+        if profiled > 0 and measured_ms > 0:
+            self.draft_ratio = (1 - self.ema) * self.draft_ratio + self.ema * measured_ms / profiled
+
+    def state(self) -> dict:
+        """The online corrections (saved beside the profile, so a new process starts from them)."""
+        return {"ratio": self.ratio, "size_ratio": self.size_ratio.tolist(),
+                "size_weight": self.size_weight.tolist(), "draft_ratio": self.draft_ratio}
+
+    def load_state(self, state: dict) -> None:
+        if len(state.get("size_ratio", [])) != len(self.profile.sizes):
+            return  # from another grid: start fresh
+        self.ratio, self.draft_ratio = float(state["ratio"]), float(state["draft_ratio"])
+        self.size_ratio = np.array(state["size_ratio"], dtype=float)
+        self.size_weight = np.array(state["size_weight"], dtype=float)
 
     def save(self, path: Path) -> Path:
         path = Path(path)
@@ -219,7 +269,8 @@ def median_ms(samples: list[float]) -> float:
 def profile_key(engine) -> dict:
     from .models import library_versions
 
-    return {"model": engine.loaded.path, "quant": engine.quant, "drafter_quant": engine.drafter_quant,
+    return {"model": engine.loaded.path, "quant": engine.quant,
+            "drafter": getattr(engine.drafter, "identity", None), "drafter_quant": engine.drafter_quant,
             "device": str(engine.device), "threads": __import__("torch").get_num_threads(), **library_versions()}
 
 
@@ -230,6 +281,11 @@ def profile_path(key: dict) -> Path:
 
     digest = sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / "profiles" / f"{Path(str(key['model'])).name}-{key['quant']}-{digest}.json"
+
+
+def learned_path(profile: Path) -> Path:
+    """Where the online corrections and sizer states learned on top of a profile are kept."""
+    return profile.with_name(profile.stem + ".learned.json")
 
 
 def measure_profile(engine, sizes=DEFAULT_SIZES, contexts=DEFAULT_CONTEXTS, repeats: int = 5, warmup: int = 2,

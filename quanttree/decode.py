@@ -235,7 +235,8 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
         times.build = (t1 - t0) - times.draft  # tree building includes compiling it
         if sizer is not None:
             sizer.observe(tree, accepted.accept_len, tree.size + 1, start, 1000 * (t2 - t1),
-                          1000 * (times.build + times.walk), round_ms=1000 * (t3 - t0))
+                          1000 * (times.build + times.walk), round_ms=1000 * (t3 - t0),
+                          draft_ms=1000 * times.draft)
         yield Step(tokens=tokens, tree_size=tree.size, accept_len=accepted.accept_len, times=times,
                    seconds=t3 - t0, finished=finished, tree=tree, path=accepted.path)
         produced += len(tokens)

@@ -261,6 +261,16 @@ def resolve_drafter_dir(drafter: str) -> Path:
     raise QuanttreeError(f"drafter {drafter!r} not found: pass a drafter directory or a hub id 'org/name'")
 
 
+def drafter_identity(path: Path) -> str:
+    """Names a drafter's weights for cache keys: directory name, config and weight file sizes."""
+    from hashlib import sha256
+
+    digest = sha256((path / "config.json").read_bytes())
+    for file in sorted(path.glob("*.safetensors")):
+        digest.update(f"{file.name}:{file.stat().st_size}".encode())
+    return f"{path.name}-{digest.hexdigest()[:12]}"
+
+
 def read_draft_vocab(path: Path, vocab_size: int) -> torch.Tensor | None:
     """Optional draft_vocab.json beside the weights: target token ids the drafter predicts over."""
     file = path / DRAFT_VOCAB_FILE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -9,9 +10,9 @@ from typing import Iterator, Sequence
 import torch
 
 from .decode import METHODS, DecodeConfig, PhaseTimes, Step, decode
-from .drafter import DFlashDrafter, build_drafter, check_fits_target, quantize_linears, read_draft_vocab, \
-    read_drafter, resolve_drafter_dir
-from .costmodel import CostModel, measure_profile, profile_key, profile_path
+from .drafter import DFlashDrafter, build_drafter, check_fits_target, drafter_identity, quantize_linears, \
+    read_draft_vocab, read_drafter, resolve_drafter_dir
+from .costmodel import CostModel, learned_path, measure_profile, profile_key, profile_path
 from .errors import QuanttreeError
 from .models import BNB_MODES, DEFAULT_TARGET, EMBEDDED_MODELS, LoadedTarget, compute_dtype, load_target, \
     resolve_quant
@@ -23,6 +24,11 @@ Prompt = str | Sequence[dict]
 DEFAULT_BUDGET = 8  # benchmarks/results/speculative_bf16.md: budget 8 beat 4 and 32 on CPU bf16
 DEFAULT_CAP = 64
 D2SD_UNTRIMMED = 1024
+# the calibration warm-up: decoded once after a verify-cost profile is measured, never benchmarked
+WARMUP_PROMPTS = ("Write a Python function that merges two sorted lists into one sorted list.",
+                  "Give three tips for keeping houseplants alive in winter.",
+                  "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
+WARMUP_TOKENS = 48
 
 
 @dataclass
@@ -115,27 +121,67 @@ class Engine:
         self.drafter_quant = drafter_quant
         self.eos_token_ids = _eos_ids(loaded.model, loaded.tokenizer)
         self._cost: CostModel | None = None
+        self._learned: dict = {}
+        self._learned_path: Path | None = None
         self._sizers: dict[tuple[str, int], TreeSizer] = {}
 
     def cost_model(self, progress: bool = True, remeasure: bool = False) -> CostModel:
-        """This engine's measured cost model: cached in memory and on disk (keyed by model, quant
-        modes, device, threads and library versions); measured on first use."""
+        """This engine's measured cost model: cached in memory and on disk (keyed by model, drafter,
+        quant modes, device, threads and library versions); measured on first use, followed by
+        a short decoding warm-up that learns in-situ costs and the drafter's acceptance."""
         if self._cost is None or remeasure:
             path = profile_path(profile_key(self))
+            self._learned_path = learned_path(path)
             if path.exists() and not remeasure:
                 self._cost = CostModel.load(path)
+                self._learned = _read_json(self._learned_path)
+                self._cost.load_state(self._learned.get("cost", {}))
             else:
                 self._cost = CostModel(measure_profile(self, progress=progress))
                 self._cost.save(path)
+                self._learned, self._sizers = {}, {}
+                if self.drafter is not None:
+                    self.warm_up(progress)
         return self._cost
 
     def sizer(self, method: str, budget: int) -> TreeSizer:
-        """The tree-size policy state for an adaptive method (kept across calls: it learns)."""
+        """The tree-size policy state for an adaptive method (kept across calls and, through
+        `save_learned`, across processes: it learns)."""
         key = (method, budget)
         if key not in self._sizers:
-            self._sizers[key] = TreeSizer(method, self.cost_model(), cap=budget,
-                                          depths=self.drafter.config.block_size - 1)
+            cost = self.cost_model()
+            sizer = TreeSizer(method, cost, cap=budget, depths=self.drafter.config.block_size - 1)
+            stored = self._learned.get("sizers", {})
+            state = stored.get(f"{method}/{budget}") or stored.get(f"auto/{DEFAULT_CAP}")
+            if state:
+                sizer.load_state(state)
+            self._sizers[key] = sizer
         return self._sizers[key]
+
+    def warm_up(self, progress: bool = True) -> None:
+        """Decode the warm-up prompts with every tree size in turn: in-situ verify costs at each
+        size and acceptance statistics, so `auto` starts calibrated; saved beside the profile."""
+        from tqdm import tqdm
+
+        sizer = self.sizer("auto", DEFAULT_CAP)
+        sizer.explore([n - 1 for n in self._cost.profile.sizes if n - 1 <= DEFAULT_CAP])
+        try:
+            for prompt in tqdm(WARMUP_PROMPTS, desc="calibrating acceptance", unit="prompt", disable=not progress):
+                for _ in self.stream(prompt, method="auto", max_new_tokens=WARMUP_TOKENS, chat=False):
+                    pass
+        finally:
+            sizer.explore([])
+        sizer.chosen, sizer.predicted_raw, sizer.predicted, sizer.observed = [], [], [], []
+        self.save_learned()
+
+    def save_learned(self) -> None:
+        """Write the online cost corrections and every sizer's state beside the profile."""
+        if self._cost is None or self._learned_path is None:
+            return
+        sizers = dict(self._learned.get("sizers", {}))
+        sizers.update({f"{m}/{b}": s.state() for (m, b), s in self._sizers.items()})
+        self._learned = {"cost": self._cost.state(), "sizers": sizers}
+        self._learned_path.write_text(json.dumps(self._learned))
 
     @property
     def device(self) -> torch.device:
@@ -199,10 +245,19 @@ class Engine:
         prompt_ids = self.encode(prompt, chat)
         self.check_length(prompt_ids, max_new_tokens)
         stats = Stats(method=cfg.method, prompt_tokens=len(prompt_ids))
+        sizer = self.sizer(cfg.method, cfg.budget) if cfg.method in ADAPTIVE_METHODS else None
+        try:
+            yield from self._events(decode(self.target, self.drafter, prompt_ids, cfg, sizer, self.vp_drafter),
+                                    stats, stops)
+        finally:
+            if sizer is not None:
+                self.save_learned()
+
+    def _events(self, steps: Iterator[Step], stats: "Stats", stops: list[str]) -> Iterator[StreamEvent]:
+        """Stream events from decode steps: text so far (held back where a stop string may start)."""
         ids: list[int] = []
         shown = ""
-        sizer = self.sizer(cfg.method, cfg.budget) if cfg.method in ADAPTIVE_METHODS else None
-        for step in decode(self.target, self.drafter, prompt_ids, cfg, sizer, self.vp_drafter):
+        for step in steps:
             stats.add(step)
             ids.extend(step.tokens)
             text = self._text(ids)
@@ -254,6 +309,15 @@ class Engine:
             if _find_stop(self._text(ids[:n]), stops) is not None:
                 return ids[: n - 1] if n > 1 else []
         return ids
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON file's object, or {} when it is missing or unreadable (learned state is relearned)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _eos_ids(model, tokenizer) -> frozenset[int]:
@@ -321,6 +385,7 @@ def load_drafter(path: str, target: Target, quant: str | None) -> tuple[DFlashDr
         quantize_linears(drafter.layers, mode, dtype)
     drafter.eval().requires_grad_(False)
     drafter.draft_vocab = vocab.to(target.device) if vocab is not None else None
+    drafter.identity = drafter_identity(directory)
     return drafter, mode
 
 

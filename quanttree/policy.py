@@ -111,6 +111,10 @@ class TreeSizer:
               drafted rounds beat those of plain rounds). When either says no it decodes plainly,
               probing with a drafted round after `probe_every` plain rounds, the interval doubling
               (to `max_probe_every`) while probes keep losing.
+
+    `explore(sizes)` makes any method draft every round and verify the given node counts in turn
+    (the calibration warm-up: in-situ verify costs at every size, and acceptance statistics).
+    `state()` / `load_state()` carry what it learned into the next process.
     """
 
     def __init__(self, method: str, cost, cap: int, depths: int, probe_every: int = 8, min_nodes: int = 0,
@@ -133,6 +137,32 @@ class TreeSizer:
         self.predicted: list[float] = []
         self.observed: list[int] = []
         self._chose = False
+        self.schedule: list[int] = []
+
+    def explore(self, sizes: list[int]) -> None:
+        """Draft every round and verify these node counts in turn (empty: back to the policy)."""
+        self.schedule = list(sizes)
+
+    def state(self) -> dict:
+        """What this sizer learned (acceptance calibration, expected gain, realized rates, overhead)."""
+        return {"method": self.method, "cap": self.cap, "overhead_ms": self.overhead_ms,
+                "acceptance": {"predicted": self.calibrator.predicted.tolist(),
+                               "observed": self.calibrator.observed.tolist()},
+                "expected_phi": None if self.expected_phi is None else self.expected_phi.tolist(),
+                "realized": self.realized}
+
+    def load_state(self, state: dict) -> None:
+        acceptance = state.get("acceptance", {})
+        if len(acceptance.get("predicted", [])) != self.calibrator.predicted.size:
+            return  # another drafter block size: start fresh
+        self.calibrator.predicted = np.array(acceptance["predicted"], dtype=float)
+        self.calibrator.observed = np.array(acceptance["observed"], dtype=float)
+        self.overhead_ms = float(state["overhead_ms"])
+        phi = state.get("expected_phi")
+        self.expected_phi = None if phi is None else np.array(phi, dtype=float)
+        self.realized = {k: (tuple(v) if v is not None else None) for k, v in state.get("realized", {}).items()}
+        self.realized.setdefault("spec", None)
+        self.realized.setdefault("plain", None)
 
     def _curve(self, context: int, smooth: bool) -> np.ndarray:
         if self.method == "bastion":
@@ -153,7 +183,7 @@ class TreeSizer:
         return sums[0] / sums[1] if sums is not None else None
 
     def should_draft(self, context: int) -> bool:
-        if self.method != "auto" or self.expected_phi is None:
+        if self.method != "auto" or self.expected_phi is None or self.schedule:
             return True
         if 0 < self.skipped < self.probe_every:  # inside a plain streak: no evaluation at all
             self.skipped += 1
@@ -177,7 +207,9 @@ class TreeSizer:
                                           tree.depths[order].cpu().numpy())
         phi = expected_gain(probs)
         fixed = self.cost.draft_ms(context) + self.overhead_ms
-        if self.method == "auto":
+        if self.schedule:
+            n = min(self.schedule[len(self.chosen) % len(self.schedule)], tree.size)
+        elif self.method == "auto":
             n = best_size(phi, self._curve(context, smooth=False), fixed)
         else:
             n = max(greedy_size(phi, self._curve(context, smooth=True), fixed), min(self.min_nodes, tree.size))
@@ -189,15 +221,16 @@ class TreeSizer:
         return prune(tree, n)
 
     def observe(self, tree: Tree, accept_len: int, tokens: int, context: int, verify_ms: float,
-                overhead_ms: float, round_ms: float | None = None) -> None:
-        """After a verified round: acceptance, verify time, per-round overhead and (auto) the
-        round's realized tokens per ms, drafted or plain."""
+                overhead_ms: float, round_ms: float | None = None, draft_ms: float = 0.0) -> None:
+        """After a verified round: acceptance, verify and draft times, the per-round overhead of a
+        drafted round, and (auto) the round's realized tokens per ms, drafted or plain."""
         self.calibrator.update(tree, accept_len)
-        if self._chose:  # rounds that skipped the drafter predicted nothing
-            self.observed.append(accept_len)
         self.cost.observe(tokens, context, verify_ms)
-        self.overhead_ms = 0.9 * self.overhead_ms + 0.1 * overhead_ms
-        if round_ms is not None and round_ms > 0:
+        if self._chose:  # rounds that skipped the drafter predicted nothing and cost no overhead
+            self.observed.append(accept_len)
+            self.cost.observe_draft(context, draft_ms)
+            self.overhead_ms = 0.9 * self.overhead_ms + 0.1 * overhead_ms
+        if round_ms is not None and round_ms > 0 and not self.schedule:  # exploring is not the policy
             kind, a = ("spec" if self._chose else "plain"), self.realized_ema
             old = self.realized[kind] or (accept_len + 1, round_ms)
             self.realized[kind] = ((1 - a) * old[0] + a * (accept_len + 1), (1 - a) * old[1] + a * round_ms)

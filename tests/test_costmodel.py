@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -113,8 +115,28 @@ def test_profile_round_trip_and_online_correction(tmp_path):
     assert loaded.profile == profile
     for _ in range(100):
         loaded.observe(8, 128, 2 * 38.0)  # the machine got twice as slow
+        loaded.observe_draft(128, 20.0)
     assert loaded.verify_ms(8, 128) == pytest.approx(76, rel=0.01)
+    assert loaded.verify_ms(64, 128) == pytest.approx(2 * 94, rel=0.01)  # never run: the drift ratio
     assert loaded.draft_ms(128) == pytest.approx(20, rel=0.01)
+
+
+def test_in_situ_costs_correct_each_size_and_survive_a_new_process():
+    profile = CostProfile(key={}, sizes=SIZES, contexts=[128], verify_ms=[[30 + s for s in SIZES]], draft_ms=[5.0])
+    model = CostModel(profile)
+    for _ in range(60):  # decoding measures 1 token as profiled but 5 tokens 20% cheaper
+        model.observe(1, 128, 31.0)
+        model.observe(5, 128, 0.8 * 35.0)
+    assert model.verify_ms(1, 128) == pytest.approx(31.0, rel=0.03)
+    assert model.verify_ms(5, 128) == pytest.approx(28.0, rel=0.03)
+    assert model.verify_ms(48, 128) == pytest.approx(78.0 * model.ratio)  # unmeasured: drift only
+    assert model.verify_ms(5, 128, smooth=True) == pytest.approx(model.ratio * model.profiled_ms(5, 128, True))
+    fresh = CostModel(profile)
+    fresh.load_state(json.loads(json.dumps(model.state())))
+    assert fresh.verify_curve(16, 128) == pytest.approx(model.verify_curve(16, 128))
+    one = CostModel(profile)
+    one.observe(5, 128, 0.5 * 35.0)  # a single (maybe noisy) observation is only partly trusted
+    assert 0.5 * 35.0 < one.verify_ms(5, 128) < 35.0 * one.ratio
 
 
 def test_auto_trusts_measured_rounds_over_the_surrogate_and_backs_off_probes():
@@ -185,3 +207,29 @@ def test_cli_calibrate_prints_curve_and_plots(tiny_dirs, tmp_path, monkeypatch, 
     out = capsys.readouterr().out
     assert code == 0 and "[fp32]" in out and "[nf4]" in out and "fit:" in out
     assert plot.stat().st_size > 10_000
+
+
+def test_first_use_warms_up_and_a_new_process_starts_from_what_was_learned(tiny_dirs, tmp_path, monkeypatch):
+    import quanttree
+    from quanttree.costmodel import learned_path, profile_key, profile_path
+    from quanttree.engine import DEFAULT_CAP, Engine
+
+    monkeypatch.setenv("QUANTTREE_CACHE", str(tmp_path / "cache"))
+    engine = quanttree.load(str(tiny_dirs["qwen3"]), drafter=str(tiny_dirs["qwen3-drafter"]), quant="fp32",
+                            device="cpu")
+    assert profile_key(engine)["drafter"].startswith(tiny_dirs["qwen3-drafter"].name)
+    cost = engine.cost_model(progress=False)  # measures, then the warm-up decodes every size in turn
+    warmed = engine.sizer("auto", DEFAULT_CAP)
+    assert warmed.expected_phi is not None and not warmed.schedule and warmed.chosen == []
+    assert (cost.size_weight > 0).sum() >= 4  # in-situ verify costs at several sizes
+    assert warmed.realized == {"spec": None, "plain": None}  # exploring is not the policy
+    engine.generate("the cat sat on", method="auto", max_new_tokens=12, chat=False)
+    saved = json.loads(learned_path(profile_path(profile_key(engine))).read_text())
+    assert f"auto/{DEFAULT_CAP}" in saved["sizers"]
+
+    again = Engine(engine.loaded, engine.drafter, engine.drafter_quant)  # a new process, same cache
+    sizer = again.sizer("auto", DEFAULT_CAP)
+    np.testing.assert_allclose(sizer.calibrator.observed, warmed.calibrator.observed)
+    np.testing.assert_allclose(sizer.expected_phi, warmed.expected_phi)
+    np.testing.assert_allclose(again.cost_model().size_ratio, cost.size_ratio)
+    assert again.sizer("caddtree", 16).calibrator.observed.tolist() == warmed.calibrator.observed.tolist()
