@@ -112,6 +112,16 @@ def violations(sizes: list[int], values: list[float], tolerance: float = 0.05) -
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "nf4": 0.53, "fp4": 0.53}
 
 
+def _segment(x: float, xs: list[float]) -> int:
+    """Index i of the segment [xs[i], xs[i+1]] used to interpolate (or extrapolate) at x."""
+    return int(np.clip(np.searchsorted(xs, x) - 1, 0, len(xs) - 2))
+
+
+def _fraction(x: float, xs: list[float]) -> float:
+    i = _segment(x, xs)
+    return (x - xs[i]) / (xs[i + 1] - xs[i])
+
+
 def model_shape(model, quant: str) -> dict:
     """What the roofline estimate needs from a target: sizes and weight bytes per parameter."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -151,18 +161,16 @@ def fit_roofline(profile: "CostProfile") -> list[float]:
     return coef
 
 
-def interp(x: float, xs: list[float], ys: list[float]) -> float:
-    """Piecewise-linear interpolation, linear extrapolation past both ends."""
-    if len(xs) == 1:
-        return float(ys[0])
-    if x <= xs[0]:
-        i = 0
-    elif x >= xs[-1]:
-        i = len(xs) - 2
-    else:
-        i = int(np.searchsorted(xs, x)) - 1
-    t = (x - xs[i]) / (xs[i + 1] - xs[i])
-    return float(ys[i] + t * (ys[i + 1] - ys[i]))
+def interp(x, xs, ys):
+    """Piecewise-linear interpolation, linear extrapolation past both ends. x: scalar or array
+    (the result has its shape)."""
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    if xs.size == 1:
+        return np.full(np.shape(x), ys[0]) if np.ndim(x) else float(ys[0])
+    i = np.clip(np.searchsorted(xs, x) - 1, 0, xs.size - 2)
+    t = (np.asarray(x, dtype=float) - xs[i]) / (xs[i + 1] - xs[i])
+    out = ys[i] + t * (ys[i + 1] - ys[i])
+    return out if np.ndim(x) else float(out)
 
 
 class CostModel:
@@ -185,26 +193,30 @@ class CostModel:
     def _table(self, smooth: bool) -> list[list[float]]:
         return self.profile.fitted_ms if smooth else self.profile.verify_ms
 
-    def profiled_ms(self, tokens: int, context: int, smooth: bool = False) -> float:
-        """C_v as profiled, before any online correction."""
-        per_context = [interp(tokens, self.profile.sizes, row) for row in self._table(smooth)]
-        return interp(context, self.profile.contexts, per_context)
+    def profiled_ms(self, tokens, context: int, smooth: bool = False):
+        """C_v as profiled, before any online correction (tokens: scalar or array)."""
+        per_context = np.stack([interp(np.atleast_1d(tokens), self.profile.sizes, row)
+                                for row in self._table(smooth)])  # [C, T]
+        out = per_context[0] if len(self.profile.contexts) == 1 else \
+            per_context[0] + (per_context[1:] - per_context[:-1])[_segment(context, self.profile.contexts)] \
+            * _fraction(context, self.profile.contexts)
+        return out if np.ndim(tokens) else float(out[0])
 
-    def correction(self, tokens: int) -> float:
-        """The online correction factor of a `tokens`-token verify."""
+    def correction(self, tokens):
+        """The online correction factor of a `tokens`-token verify (scalar or array)."""
         trust = self.size_weight / (self.size_weight + self.trust)
-        ratios = self.ratio + trust * (self.size_ratio - self.ratio)
-        return interp(tokens, self.profile.sizes, list(ratios))
+        return interp(tokens, self.profile.sizes, self.ratio + trust * (self.size_ratio - self.ratio))
 
-    def verify_ms(self, tokens: int, context: int, smooth: bool = False) -> float:
-        """C_v for a forward of `tokens` new tokens after `context` cached ones. The convex fit
-        (smooth) gets the drift ratio only: a per-size correction would undo its convexity."""
+    def verify_ms(self, tokens, context: int, smooth: bool = False):
+        """C_v for a forward of `tokens` new tokens after `context` cached ones (tokens: scalar
+        or array). The convex fit (smooth) gets the drift ratio only: a per-size correction
+        would undo its convexity."""
         factor = self.ratio if smooth else self.correction(tokens)
         return factor * self.profiled_ms(tokens, context, smooth)
 
     def verify_curve(self, max_tokens: int, context: int, smooth: bool = False) -> np.ndarray:
         """C_v(n) for n = 1..max_tokens tokens. [max_tokens]"""
-        return np.array([self.verify_ms(n, context, smooth) for n in range(1, max_tokens + 1)])
+        return self.verify_ms(np.arange(1, max_tokens + 1), context, smooth)
 
     def roofline_ms(self, tokens: int, context: int) -> float:
         """BASTION's calibrated roofline estimate of C_v (with the drift correction)."""

@@ -107,8 +107,9 @@ class TreeSizer:
     bastion:  the greedy rule on the calibrated roofline estimate, never below `min_nodes`.
     auto:     the exact argmax on the raw measured table, n = 0 included. Before drafting it
               checks that speculation pays, twice: predicted (recent rounds' expected gain on
-              the measured curve beats plain decoding) and realized (measured tokens per ms of
-              drafted rounds beat those of plain rounds). When either says no it decodes plainly,
+              the measured curve beats plain decoding) and realized (drafted rounds save time:
+              each one's wall time against what plain rounds would have taken for the tokens it
+              committed, an EMA over drafted rounds). When either says no it decodes plainly,
               probing with a drafted round after `probe_every` plain rounds, the interval doubling
               (to `max_probe_every`) while probes keep losing.
 
@@ -118,17 +119,19 @@ class TreeSizer:
     """
 
     def __init__(self, method: str, cost, cap: int, depths: int, probe_every: int = 8, min_nodes: int = 0,
-                 max_probe_every: int = 64, realized_ema: float = 0.05, margin: float = 0.95):
+                 max_probe_every: int = 64, realized_ema: float = 0.1):
         self.method, self.cost, self.cap = method, cost, cap
         self.calibrator = AcceptanceCalibrator(depths)
         self.expected_phi: np.ndarray | None = None
         self.overhead_ms = cost.profile.overhead_ms
         self.probe_every, self.min_nodes = probe_every, min_nodes
         self.base_probe_every, self.max_probe_every = probe_every, max_probe_every
-        # EMAs of committed tokens and of ms per round, drafted or plain: their ratio is the
-        # realized rate (a ratio of sums, steadier than a mean of per-round rates)
-        self.realized: dict[str, tuple[float, float] | None] = {"spec": None, "plain": None}
-        self.realized_ema, self.margin = realized_ema, margin
+        # EMAs (None before any): wall ms of a plain round, and ms a drafted round saved against
+        # plain rounds producing its tokens (per round matched, so it is not biased by when
+        # auto chooses to draft)
+        self.plain_ms: float | None = None
+        self.savings_ms: float | None = None
+        self.realized_ema = realized_ema
         self.skipped = 0
         self.chosen: list[int] = []
         # per verified round: expected accepted tokens of the chosen tree from the drafter's raw
@@ -136,7 +139,7 @@ class TreeSizer:
         self.predicted_raw: list[float] = []
         self.predicted: list[float] = []
         self.observed: list[int] = []
-        self._chose = False
+        self._chose = self._approved = False
         self.schedule: list[int] = []
 
     def explore(self, sizes: list[int]) -> None:
@@ -144,12 +147,12 @@ class TreeSizer:
         self.schedule = list(sizes)
 
     def state(self) -> dict:
-        """What this sizer learned (acceptance calibration, expected gain, realized rates, overhead)."""
+        """What this sizer learned (acceptance calibration, expected gain, realized times, overhead)."""
         return {"method": self.method, "cap": self.cap, "overhead_ms": self.overhead_ms,
                 "acceptance": {"predicted": self.calibrator.predicted.tolist(),
                                "observed": self.calibrator.observed.tolist()},
                 "expected_phi": None if self.expected_phi is None else self.expected_phi.tolist(),
-                "realized": self.realized}
+                "plain_ms": self.plain_ms, "savings_ms": self.savings_ms}
 
     def load_state(self, state: dict) -> None:
         acceptance = state.get("acceptance", {})
@@ -160,29 +163,25 @@ class TreeSizer:
         self.overhead_ms = float(state["overhead_ms"])
         phi = state.get("expected_phi")
         self.expected_phi = None if phi is None else np.array(phi, dtype=float)
-        self.realized = {k: (tuple(v) if v is not None else None) for k, v in state.get("realized", {}).items()}
-        self.realized.setdefault("spec", None)
-        self.realized.setdefault("plain", None)
+        self.plain_ms, self.savings_ms = state.get("plain_ms"), state.get("savings_ms")
 
     def _curve(self, context: int, smooth: bool) -> np.ndarray:
         if self.method == "bastion":
             return np.array([self.cost.roofline_ms(n, context) for n in range(1, self.cap + 2)])
         return self.cost.verify_curve(self.cap + 1, context, smooth=smooth)
 
-    def speculation_pays(self, context: int) -> bool:
+    def predicted_pays(self, context: int) -> bool:
+        """Recent rounds' expected gain, on the measured curve, beats plain decoding."""
         verify = self._curve(context, smooth=False)
         fixed = self.cost.draft_ms(context) + self.overhead_ms
-        predicted = throughput(self.expected_phi, verify, fixed)[1:].max(initial=0.0) > 1.0 / verify[0]
-        spec, plain = self.realized_rate("spec"), self.realized_rate("plain")
-        plain = plain if plain is not None else 1.0 / verify[0]
-        return predicted and (spec is None or spec >= self.margin * plain)
+        return throughput(self.expected_phi, verify, fixed)[1:].max(initial=0.0) > 1.0 / verify[0]
 
-    def realized_rate(self, kind: str) -> float | None:
-        """Measured tokens per ms of drafted ("spec") or plain rounds, None before any."""
-        sums = self.realized[kind]
-        return sums[0] / sums[1] if sums is not None else None
+    def speculation_pays(self, context: int) -> bool:
+        """Predicted to pay, and drafted rounds the prediction approved have saved time."""
+        return self.predicted_pays(context) and (self.savings_ms is None or self.savings_ms >= 0.0)
 
     def should_draft(self, context: int) -> bool:
+        self._approved = False
         if self.method != "auto" or self.expected_phi is None or self.schedule:
             return True
         if 0 < self.skipped < self.probe_every:  # inside a plain streak: no evaluation at all
@@ -192,9 +191,11 @@ class TreeSizer:
         if self.skipped:  # the streak ends with a probe; the next one is longer if this one loses
             self.skipped = 0
             self.probe_every = min(2 * self.probe_every, self.max_probe_every)
+            self._approved = self.predicted_pays(context)  # its savings count only if approved
             return True
         if self.speculation_pays(context):
             self.probe_every = self.base_probe_every
+            self._approved = True
             return True
         self.skipped = 1
         self.chosen.append(0)
@@ -223,7 +224,8 @@ class TreeSizer:
     def observe(self, tree: Tree, accept_len: int, tokens: int, context: int, verify_ms: float,
                 overhead_ms: float, round_ms: float | None = None, draft_ms: float = 0.0) -> None:
         """After a verified round: acceptance, verify and draft times, the per-round overhead of a
-        drafted round, and (auto) the round's realized tokens per ms, drafted or plain."""
+        drafted round, and (auto) the realized wall time: of a plain round, or saved by a drafted
+        round the prediction approved."""
         self.calibrator.update(tree, accept_len)
         self.cost.observe(tokens, context, verify_ms)
         if self._chose:  # rounds that skipped the drafter predicted nothing and cost no overhead
@@ -231,10 +233,16 @@ class TreeSizer:
             self.cost.observe_draft(context, draft_ms)
             self.overhead_ms = 0.9 * self.overhead_ms + 0.1 * overhead_ms
         if round_ms is not None and round_ms > 0 and not self.schedule:  # exploring is not the policy
-            kind, a = ("spec" if self._chose else "plain"), self.realized_ema
-            old = self.realized[kind] or (accept_len + 1, round_ms)
-            self.realized[kind] = ((1 - a) * old[0] + a * (accept_len + 1), (1 - a) * old[1] + a * round_ms)
-        self._chose = False
+            if self._chose and self._approved:
+                plain = self.plain_ms if self.plain_ms is not None else self.cost.verify_ms(1, context)
+                self.savings_ms = _ema(self.savings_ms, (accept_len + 1) * plain - round_ms, self.realized_ema)
+            elif not self._chose:
+                self.plain_ms = _ema(self.plain_ms, round_ms, self.realized_ema)
+        self._chose = self._approved = False
+
+
+def _ema(old: float | None, new: float, weight: float) -> float:
+    return new if old is None else (1 - weight) * old + weight * new
 
 
 def _ema_curve(old: np.ndarray, new: np.ndarray, ema: float = 0.2) -> np.ndarray:

@@ -63,7 +63,7 @@ def select_tokens(
 ) -> torch.Tensor:
     """One target token per row: argmax when greedy, else an independent draw from p. [n, V] -> [n]"""
     if params.greedy:
-        return logits.argmax(dim=-1)
+        return logits.float().argmax(dim=-1)  # the same index; CPU argmax on bf16 is 5x slower
     probs = logits_to_probs(logits, params)
     if generator is not None and probs.device != generator.device:  # logits on an offloaded layer's device
         probs = probs.to(generator.device)

@@ -149,15 +149,20 @@ def test_auto_trusts_measured_rounds_over_the_surrogate_and_backs_off_probes():
     assert sizer.should_draft(128)  # predicted gain beats plain decoding and nothing is measured yet
     tree = build_tree(torch.log_softmax(torch.randn(4, 8), -1), 1, 4)
     sizer.choose(tree, 128)
-    sizer.observe(tree, 0, 5, 128, 25.0, 1.0, round_ms=40.0)  # ... but drafted rounds deliver 1/40 tok/ms
-    sizer.observe(plain_round(), 0, 1, 128, 21.0, 0.5, round_ms=21.0)  # plain rounds 1/21
+    sizer.observe(tree, 0, 5, 128, 25.0, 1.0, round_ms=40.0)  # ... but the drafted round took 40 ms for
+    assert sizer.savings_ms == pytest.approx(21.0 - 40.0)  # one token, where a plain round takes 21
+    sizer.observe(plain_round(), 0, 1, 128, 21.0, 0.5, round_ms=21.0)
     pattern = [sizer.should_draft(128) for _ in range(30)]
     assert pattern[:9] == [False] * 8 + [True]  # a plain streak, then one probe
     assert pattern[9:26] == [False] * 16 + [True]  # the probe did not win: the next streak is twice as long
     assert sizer.chosen[1:] == [0] * 28 and sizer.probe_every == 32
-    # when drafted rounds measure faster again, auto drafts every round
-    sizer.realized["spec"] = (1.0, 10.0)
-    sizer.skipped = 0
+    # a probe the prediction approves counts: when it saves time, auto drafts every round again
+    for _ in range(10):  # probes that save time (4 tokens in 30 ms where plain takes 84 ms)
+        sizer.skipped = sizer.probe_every
+        assert sizer.should_draft(128)
+        sizer.choose(tree, 128)
+        sizer.observe(tree, 3, 5, 128, 25.0, 1.0, round_ms=30.0)
+    assert sizer.savings_ms > 0
     assert all(sizer.should_draft(128) for _ in range(5)) and sizer.probe_every == 8
 
 
@@ -222,7 +227,7 @@ def test_first_use_warms_up_and_a_new_process_starts_from_what_was_learned(tiny_
     warmed = engine.sizer("auto", DEFAULT_CAP)
     assert warmed.expected_phi is not None and not warmed.schedule and warmed.chosen == []
     assert (cost.size_weight > 0).sum() >= 4  # in-situ verify costs at several sizes
-    assert warmed.realized == {"spec": None, "plain": None}  # exploring is not the policy
+    assert warmed.savings_ms is None and warmed.plain_ms is None  # exploring is not the policy
     engine.generate("the cat sat on", method="auto", max_new_tokens=12, chat=False)
     saved = json.loads(learned_path(profile_path(profile_key(engine))).read_text())
     assert f"auto/{DEFAULT_CAP}" in saved["sizers"]
