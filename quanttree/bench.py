@@ -39,6 +39,7 @@ class BenchConfig:
     budgets: tuple[int, ...] = (4, 8, 16, 32, 64)
     prompts: int = 10
     max_new_tokens: int = 128
+    repeats: int = 1  # each prompt's rows run this many times back to back (shared, noisy machines)
     target: str = "smollm2-135m"
     drafter: str | None = "auto"
     out: Path = Path("bench-results")
@@ -47,7 +48,7 @@ class BenchConfig:
 def quick(cfg: BenchConfig) -> BenchConfig:
     """A run that finishes in a few minutes on a CPU: 2 prompts, 2 modes, 48 tokens, 2 budgets."""
     return BenchConfig(suite=cfg.suite, quants=cfg.quants[:2], methods=("ar", "ddtree", "auto", "hf_generate"),
-                       budgets=(8, 32), prompts=2, max_new_tokens=48, target=cfg.target, drafter=cfg.drafter,
+                       budgets=(8, 32), prompts=2, max_new_tokens=48, repeats=1, target=cfg.target, drafter=cfg.drafter,
                        out=cfg.out)
 
 
@@ -221,21 +222,24 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
         engine.generate(todo[0][1][1], method="ar", max_new_tokens=4)  # warm-up
         for index, (suite, prompt) in todo:
             prompt_ids = engine.encode(prompt)
-            ar = run_ours(engine, prompt, "ar", 1, cfg.max_new_tokens)
-            batch = [_row(quant, suite, index, prompt, "ar", 0, ar, ar, weights_mb)]
-            for method in cfg.methods:
-                if method == "ar" or (method in OUR_METHODS and engine.drafter is None):
-                    continue
-                budgets = {"ddtree": cfg.budgets, "d2sd": (max(cfg.budgets),), "d2sd_dflash": (max(cfg.budgets),),
-                           "ddtree_quant_drafter": (DEFAULT_BUDGET,),
-                           **{m: (DEFAULT_CAP,) for m in ADAPTIVE_METHODS}}.get(method, (None,))
-                for budget in budgets:  # d2sd: trimmed to the largest budget; None: the method's default
-                    result = _run_one(engine, variants, method, budget, prompt, prompt_ids, cfg, assistant, llm)
-                    if result is not None:
-                        batch.append(_row(quant, suite, index, prompt, method, budget, result, ar, weights_mb))
-                        if batch[-1]["matches_ar"] is False:  # a near tie, or a bug? AR's top-2 gap there
-                            where = engine.divergence(prompt, ar["ids"], result["ids"])
-                            batch[-1]["ar_top2_gap"] = where[1] if where else None
+            batch = []
+            for rep in range(cfg.repeats):  # every row of a repeat is a ratio to that repeat's AR
+                ar = run_ours(engine, prompt, "ar", 1, cfg.max_new_tokens)
+                batch.append(_row(quant, suite, index, prompt, "ar", 0, ar, ar, weights_mb, rep))
+                for method in cfg.methods:
+                    if method == "ar" or (method in OUR_METHODS and engine.drafter is None):
+                        continue
+                    budgets = {"ddtree": cfg.budgets, "d2sd": (max(cfg.budgets),),
+                               "d2sd_dflash": (max(cfg.budgets),), "ddtree_quant_drafter": (DEFAULT_BUDGET,),
+                               **{m: (DEFAULT_CAP,) for m in ADAPTIVE_METHODS}}.get(method, (None,))
+                    for budget in budgets:  # d2sd: trimmed to the largest budget; None: the method's default
+                        result = _run_one(engine, variants, method, budget, prompt, prompt_ids, cfg, assistant, llm)
+                        if result is not None:
+                            batch.append(_row(quant, suite, index, prompt, method, budget, result, ar, weights_mb,
+                                              rep))
+                            if batch[-1]["matches_ar"] is False:  # a near tie, or a bug? AR's top-2 gap there
+                                where = engine.divergence(prompt, ar["ids"], result["ids"])
+                                batch[-1]["ar_top2_gap"] = where[1] if where else None
             with open(cfg.out / "rows.jsonl", "a") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in batch))
             rows += batch
@@ -303,9 +307,10 @@ def _run_one(engine, variants, method, budget, prompt, prompt_ids, cfg, assistan
     return None
 
 
-def _row(quant, suite, index, prompt, method, budget, result, ar, weights_mb) -> dict:
+def _row(quant, suite, index, prompt, method, budget, result, ar, weights_mb, rep=0) -> dict:
     lossless = method in OUR_METHODS or method in VARIANTS or method.startswith("hf_")
-    return {"quant": quant, "suite": suite, "index": index, "prompt": prompt[:80], "method": method, "budget": budget,
+    return {"quant": quant, "suite": suite, "index": index, "rep": rep, "prompt": prompt[:80], "method": method,
+            "budget": budget,
             "weights_mb": weights_mb,
             "tps": result["tps"], "speedup": result["tps"] / ar["tps"] if ar["tps"] else None, "tau": result["tau"],
             "tree": result["tree"], "rounds": result["rounds"], "phase_ms": result["phase_ms"],
@@ -329,13 +334,17 @@ def summarize(rows: list[dict]) -> list[dict]:
         tau = statistics.mean(taus) if taus else None
         phases = {k: statistics.mean(r["phase_ms"].get(k, 0.0) / max(r["rounds"], 1) for r in rs)
                   for k in ("draft", "build", "verify", "walk")}
+        speedups = [r["speedup"] for r in rs if r["speedup"] is not None]
         out.append({"quant": quant, "method": method, "budget": budget,
                     "tps": statistics.mean(r["tps"] for r in rs),
-                    "speedup": statistics.mean(r["speedup"] for r in rs if r["speedup"] is not None),
+                    "speedup": statistics.mean(speedups),
+                    # 95% interval half-width of the mean speedup over prompts x repeats
+                    "speedup_ci": 1.96 * statistics.stdev(speedups) / len(speedups) ** 0.5 if len(speedups) > 1 else None,
                     "tau": tau, "tree": statistics.mean(r["tree"] for r in rs), "phase_ms_per_round": phases,
                     "peak_mb": max(r["peak_mb"] for r in rs), "weights_mb": max(r.get("weights_mb", 0.0) for r in rs),
                     "tau_vs_fp32": (tau / fp32_tau[(method, budget)]) if tau and (method, budget) in fp32_tau else None,
-                    "mismatches": sum(1 for r in rs if r["matches_ar"] is False), "prompts": len(rs),
+                    "mismatches": len({r["index"] for r in rs if r["matches_ar"] is False}),
+                    "prompts": len({r["index"] for r in rs}),
                     "max_gap": max((r["ar_top2_gap"] for r in rs if r.get("ar_top2_gap") is not None), default=None)})
     return sorted(out, key=lambda s: (s["quant"], s["method"] != "ar", s["method"], s["budget"]))
 
@@ -343,15 +352,15 @@ def summarize(rows: list[dict]) -> list[dict]:
 def policy_report(rows: list[dict], summary: list[dict]) -> str:
     """Per quant mode: the oracle fixed budget (best ddtree), each adaptive policy against it and
     against AR, and the distribution of tree sizes the policies chose."""
-    lines = ["| quant | oracle ddtree budget | oracle tok/s | policy | tok/s | vs oracle | vs AR | sizes chosen "
+    lines = ["| quant | oracle ddtree budget | oracle vs AR | policy | vs AR | vs oracle | sizes chosen "
              "(min / median / max, share of n = 0) | accepted per round: drafter-predicted / calibrated / observed |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"]
     for quant in sorted({s["quant"] for s in summary}):
         fixed = [s for s in summary if s["quant"] == quant and s["method"] == "ddtree"]
         ar = next((s for s in summary if s["quant"] == quant and s["method"] == "ar"), None)
         if not fixed or ar is None:
             continue
-        oracle = max(fixed, key=lambda s: s["tps"])
+        oracle = max(fixed, key=lambda s: s["speedup"])  # ratios to side-by-side AR runs: steadier than tok/s
         for policy in ("caddtree", "bastion", "auto"):
             s = next((x for x in summary if x["quant"] == quant and x["method"] == policy), None)
             if s is None:
@@ -363,8 +372,8 @@ def policy_report(rows: list[dict], summary: list[dict]) -> str:
             acc = [sum(x for r in mine for x in r.get(k, [])) for k in ("predicted_raw", "predicted", "observed")]
             count = sum(len(r.get("observed", [])) for r in mine)
             accuracy = " / ".join(f"{a / count:.2f}" for a in acc) if count else "-"
-            lines.append(f"| {quant} | {oracle['budget']} | {oracle['tps']:.1f} | {policy} | {s['tps']:.1f} | "
-                         f"{s['tps'] / oracle['tps']:.2f}x | {s['tps'] / ar['tps']:.2f}x | {dist} | {accuracy} |")
+            lines.append(f"| {quant} | {oracle['budget']} | {oracle['speedup']:.3f}x | {policy} | {s['speedup']:.3f}x"
+                         f"{_ci(s)} | {s['speedup'] / oracle['speedup']:.3f}x | {dist} | {accuracy} |")
     return "\n".join(lines) + "\n"
 
 
@@ -376,17 +385,22 @@ def markdown(summary: list[dict], notes: list[str]) -> str:
         ph = s["phase_ms_per_round"]
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         gap = "" if s.get("max_gap") is None else f" ({s['max_gap']:.3f})"
-        lines.append(f"| {s['quant']} | {s['method']} | {s['budget'] or '-'} | {s['tps']:.1f} | {s['speedup']:.2f}x | "
+        lines.append(f"| {s['quant']} | {s['method']} | {s['budget'] or '-'} | {s['tps']:.1f} | {s['speedup']:.2f}x{_ci(s)} | "
                      f"{fmt(s['tau'], '.2f')} | {fmt(s['tau_vs_fp32'], '.2f')} | {s['tree']:.1f} | "
                      f"{ph['draft']:.1f} / {ph['verify']:.1f} / {ph['build'] + ph['walk']:.1f} | {s['weights_mb']:.0f} | {s['peak_mb']:.0f} | "
                      f"{'**' + str(s['mismatches']) + '**' if s['mismatches'] else 0}/{s['prompts']}{gap} |")
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 
+def _ci(summary_row: dict) -> str:
+    ci = summary_row.get("speedup_ci")
+    return f" ±{ci:.3f}" if ci else ""
+
+
 def command_line(cfg: BenchConfig) -> str:
     return (f"quanttree bench --suite {cfg.suite} --quant {','.join(cfg.quants)} --methods {','.join(cfg.methods)} "
             f"--budgets {','.join(map(str, cfg.budgets))} --prompts {cfg.prompts} "
-            f"--max-new-tokens {cfg.max_new_tokens} --target {cfg.target} --out {cfg.out}")
+            f"--max-new-tokens {cfg.max_new_tokens} --repeats {cfg.repeats} --target {cfg.target} --out {cfg.out}")
 
 
 def machine() -> str:

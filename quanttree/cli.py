@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--budgets", default="4,8,16,32,64", help="ddtree budgets swept")
     bench.add_argument("--prompts", type=int, default=10)
     bench.add_argument("--max-new-tokens", type=int, default=128)
+    bench.add_argument("--repeats", type=int, default=1,
+                       help="run each prompt's rows this many times back to back (ratios get a 95%% interval)")
     bench.add_argument("--target", default=DEFAULT_TARGET)
     bench.add_argument("--out", default="bench-results")
     bench.add_argument("--quick", action="store_true", help="2 prompts, 2 modes, 48 tokens: a few minutes")
@@ -207,13 +209,16 @@ def cmd_bench(args) -> int:
     unknown = [m for m in methods if m not in OUR_METHODS + tuple(VARIANTS) + PEERS]
     if unknown:
         raise QuanttreeError(f"unknown methods {unknown}: choose from {', '.join(OUR_METHODS + tuple(VARIANTS) + PEERS)}")
+    if args.repeats < 1:
+        raise QuanttreeError(f"--repeats must be at least 1, got {args.repeats}")
     quants = tuple(args.quant.split(","))
     bad = [q for q in quants if q not in QUANT_MODES]
     if bad:
         raise QuanttreeError(f"unknown quant modes {bad}: choose from {', '.join(QUANT_MODES)}")
     cfg = BenchConfig(suite=args.suite, quants=quants, methods=methods,
                       budgets=tuple(int(b) for b in args.budgets.split(",")), prompts=args.prompts,
-                      max_new_tokens=args.max_new_tokens, target=args.target, out=Path(args.out))
+                      max_new_tokens=args.max_new_tokens, repeats=args.repeats, target=args.target,
+                      out=Path(args.out))
     bench(quick(cfg) if args.quick else cfg, log=lambda msg: print(msg, file=sys.stderr))
     print((cfg.out / "summary.md").read_text())
     return 0

@@ -33,3 +33,23 @@ def test_bench_resumes_and_refuses_a_different_configuration(tmp_path):
     assert rows == [row] and done == {("bf16", 0)}
     with pytest.raises(QuanttreeError, match="another bench configuration"):
         resume_rows(BenchConfig(quants=("nf4",), prompts=2, out=tmp_path / "b"))
+
+
+def test_summary_counts_prompts_not_repeats_and_gives_an_interval():
+    from quanttree.bench import policy_report, summarize
+
+    def row(index, rep, method, budget, speedup, matches=True):
+        return {"quant": "nf4", "suite": "humaneval", "index": index, "rep": rep, "method": method, "budget": budget,
+                "tps": 50.0 * speedup, "speedup": speedup, "tau": 1.0, "tree": 0.0, "rounds": 10,
+                "phase_ms": {"verify": 100.0}, "peak_mb": 1.0, "matches_ar": matches, "chosen_sizes": [0, 4],
+                "observed": [1], "predicted": [0.5], "predicted_raw": [0.6]}
+
+    rows = [row(i, r, "ar", 0, 1.0) for i in range(2) for r in range(2)]
+    rows += [row(i, r, "ddtree", 4, s) for i in range(2) for r, s in enumerate((0.9, 0.94))]
+    rows += [row(i, r, "auto", 64, s, matches=i == 0) for i in range(2) for r, s in enumerate((1.0, 1.04))]
+    summary = {s["method"]: s for s in summarize(rows)}
+    auto = summary["auto"]
+    assert auto["prompts"] == 2 and auto["mismatches"] == 1
+    assert auto["speedup"] == 1.02 and 0.0 < auto["speedup_ci"] < 0.05
+    report = policy_report(rows, list(summary.values()))
+    assert "| nf4 | 4 | 0.920x | auto | 1.020x ±" in report and "| 1.109x |" in report
