@@ -141,6 +141,12 @@ class TreeSizer:
         self.observed: list[int] = []
         self._chose = self._approved = False
         self.schedule: list[int] = []
+        self._build = min(cap, 16)
+
+    def build_budget(self) -> int:
+        """Nodes to build before choosing: twice the largest recent choice (at least 16, at most
+        the cap), so a round does not build 64 nodes to verify 4; it grows as choices near it."""
+        return self.cap if self.schedule else self._build
 
     def explore(self, sizes: list[int]) -> None:
         """Draft every round and verify these node counts in turn (empty: back to the policy)."""
@@ -216,6 +222,8 @@ class TreeSizer:
             n = max(greedy_size(phi, self._curve(context, smooth=True), fixed), min(self.min_nodes, tree.size))
         self.expected_phi = phi if self.expected_phi is None else _ema_curve(self.expected_phi, phi)
         self.chosen.append(n)
+        recent = max((c for c in self.chosen[-32:]), default=0)
+        self._build = min(self.cap, max(16, 2 * recent))
         self.predicted_raw.append(float(tree.scores[order[:n]].exp().sum()))
         self.predicted.append(float(phi[min(n, phi.size - 1)]))
         self._chose = True

@@ -238,3 +238,18 @@ def test_first_use_warms_up_and_a_new_process_starts_from_what_was_learned(tiny_
     np.testing.assert_allclose(sizer.expected_phi, warmed.expected_phi)
     np.testing.assert_allclose(again.cost_model().size_ratio, cost.size_ratio)
     assert again.sizer("caddtree", 16).calibrator.observed.tolist() == warmed.calibrator.observed.tolist()
+
+
+def test_auto_builds_only_what_it_may_choose_and_grows_when_choices_reach_it():
+    from quanttree.policy import TreeSizer
+
+    flat = CostProfile(key={}, sizes=SIZES, contexts=[128], verify_ms=[[20.0] * len(SIZES)], draft_ms=[1.0])
+    sizer = TreeSizer("auto", CostModel(flat), cap=64, depths=15)
+    assert sizer.build_budget() == 16
+    confident = torch.log_softmax(torch.tensor([[8.0] + [0.0] * 31] * 15), -1)  # every node worth verifying
+    for expected in (32, 64, 64):
+        tree = build_tree(confident, 1, sizer.build_budget())
+        assert sizer.choose(tree, 128).size == tree.size  # a flat curve: verify all built nodes
+        assert sizer.build_budget() == expected
+    sizer.explore([63])
+    assert sizer.build_budget() == 64
