@@ -238,7 +238,7 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
         times.walk += t3 - t2
         times.build = (t1 - t0) - times.draft  # tree building includes compiling it
         if sizer is not None:
-            sizer.observe(tree, accepted.accept_len, tree.size + 1, start, 1000 * (t2 - t1),
+            sizer.observe(tree, accepted.path, tree.size + 1, start, 1000 * (t2 - t1),
                           1000 * (times.build + times.walk), round_ms=1000 * (t3 - t0 - times.absorb),
                           draft_ms=1000 * (times.draft - times.absorb))
         yield Step(tokens=tokens, tree_size=tree.size, accept_len=accepted.accept_len, times=times,

@@ -29,6 +29,7 @@ WARMUP_PROMPTS = ("Write a Python function that merges two sorted lists into one
                   "Give three tips for keeping houseplants alive in winter.",
                   "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
 WARMUP_TOKENS = 48
+LEARNED_VERSION = 2  # the layout of the learned state saved beside a profile; another one is relearned
 
 
 @dataclass
@@ -135,13 +136,16 @@ class Engine:
             if path.exists() and not remeasure:
                 self._cost = CostModel.load(path)
                 self._learned = _read_json(self._learned_path)
+                if self._learned.get("version") != LEARNED_VERSION:
+                    self._learned = {}
                 self._cost.load_state(self._learned.get("cost", {}))
             else:
                 self._cost = CostModel(measure_profile(self, progress=progress))
                 self._cost.save(path)
-                self._learned, self._sizers = {}, {}
-                if self.drafter is not None:
-                    self.warm_up(progress)
+                self._learned = {}
+            self._sizers = {}
+            if self.drafter is not None and not self._learned:
+                self.warm_up(progress)
         return self._cost
 
     def sizer(self, method: str, budget: int) -> TreeSizer:
@@ -150,7 +154,7 @@ class Engine:
         key = (method, budget)
         if key not in self._sizers:
             cost = self.cost_model()
-            sizer = TreeSizer(method, cost, cap=budget, depths=self.drafter.config.block_size - 1)
+            sizer = TreeSizer(method, cost, cap=budget)
             stored = self._learned.get("sizers", {})
             state = stored.get(f"{method}/{budget}") or stored.get(f"auto/{DEFAULT_CAP}")
             if state:
@@ -180,7 +184,7 @@ class Engine:
             return
         sizers = dict(self._learned.get("sizers", {}))
         sizers.update({f"{m}/{b}": s.state() for (m, b), s in self._sizers.items()})
-        self._learned = {"cost": self._cost.state(), "sizers": sizers}
+        self._learned = {"version": LEARNED_VERSION, "cost": self._cost.state(), "sizers": sizers}
         self._learned_path.write_text(json.dumps(self._learned))
 
     @property

@@ -66,35 +66,56 @@ def prune(tree: Tree, n: int) -> Tree:
 
 
 class AcceptanceCalibrator:
-    """Per-depth correction of the drafter's path probabilities from observed acceptance.
+    """Calibrated path probabilities from observed acceptance (a reliability map, learned online).
 
-    Predicted: sum of p(v) over verified nodes at depth d (expected accepted at d).
-    Observed: 1 if the round accepted >= d tokens. Both are exponential moving averages; the
-    factor observed/predicted multiplies p(v) of depth-d nodes (clipped to [0.02, 3])."""
+    A node's own probability q (its token's draft marginal: path probability over its parent's)
+    is mapped to the observed rate at which such a node is accepted when its parent was, per
+    depth group (1, 2, 3, 4+) and per tenth of q; a calibrated path probability is the product
+    of the mapped rates along the path. Binning by q catches what one factor per depth cannot:
+    this drafter is overconfident exactly on the confident nodes a cost-aware policy keeps.
+    Counts decay every round (the map follows drift); each cell starts at its own q (identity)
+    with the weight of `prior` observations."""
 
-    def __init__(self, depths: int, ema: float = 0.05, prior: float = 1.0):
-        self.predicted = np.full(depths, prior)
-        self.observed = np.full(depths, prior)
-        self.ema = ema
+    def __init__(self, depth_groups: int = 4, bins: int = 10, decay: float = 0.995, prior: float = 4.0):
+        centres = (np.arange(bins) + 0.5) / bins
+        self.hits = np.tile(centres * prior, (depth_groups, 1))  # [G, B] accepted (decayed counts)
+        self.trials = np.full((depth_groups, bins), prior)  # [G, B] parent accepted (decayed counts)
+        self.decay = decay
 
-    def factors(self) -> np.ndarray:
-        return np.clip(self.observed / np.maximum(self.predicted, 1e-6), 0.02, 3.0)
+    def rates(self) -> np.ndarray:
+        """P(node accepted | parent accepted) per depth group and bin of q. [G, B]"""
+        return self.hits / self.trials
 
-    def calibrate(self, probs: np.ndarray, depths: np.ndarray) -> np.ndarray:
-        """Calibrated path probabilities for nodes at the given depths (1-based). [N] -> [N]"""
-        return np.clip(probs * self.factors()[depths - 1], 0.0, 1.0)
+    def _cells(self, tree: Tree) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(depth group, q bin, parents) of the drafted nodes 1..n."""
+        scores = tree.scores.float().cpu().numpy()
+        parents = tree.parents.cpu().numpy()
+        q = np.exp(scores[1:] - scores[np.maximum(parents[1:], 0)])  # [n] own probabilities
+        groups, bins = self.hits.shape
+        group = np.minimum(tree.depths[1:].cpu().numpy(), groups) - 1
+        return group, np.minimum((q * bins).astype(int), bins - 1), parents
 
-    def update(self, tree: Tree, accept_len: int) -> None:
+    def calibrate(self, tree: Tree) -> np.ndarray:
+        """Calibrated path probabilities of every node (root = 1), parents before children. [n+1]"""
+        group, qbin, parents = self._cells(tree)
+        rate = self.rates()[group, qbin]
+        out = np.ones(tree.size + 1)
+        for i in range(1, tree.size + 1):
+            out[i] = out[parents[i]] * rate[i - 1]
+        return out
+
+    def update(self, tree: Tree, path: torch.Tensor) -> None:
+        """After verification: every node whose parent was accepted is one trial of its cell."""
         if tree.size == 0:
             return
-        depths = tree.depths[1:].cpu().numpy()
-        probs = tree.scores[1:].exp().cpu().numpy()
-        predicted = np.bincount(depths - 1, weights=probs, minlength=self.predicted.size)[: self.predicted.size]
-        reached = depths.max()
-        observed = (np.arange(1, self.predicted.size + 1) <= accept_len).astype(float)
-        mask = np.arange(1, self.predicted.size + 1) <= reached  # only depths the tree tested
-        self.predicted[mask] = (1 - self.ema) * self.predicted[mask] + self.ema * predicted[mask]
-        self.observed[mask] = (1 - self.ema) * self.observed[mask] + self.ema * observed[mask]
+        group, qbin, parents = self._cells(tree)
+        accepted = np.zeros(tree.size + 1, dtype=bool)
+        accepted[path.cpu().numpy()] = True
+        tried = accepted[parents[1:]]
+        self.hits *= self.decay
+        self.trials *= self.decay
+        np.add.at(self.hits, (group[tried], qbin[tried]), accepted[1:][tried].astype(float))
+        np.add.at(self.trials, (group[tried], qbin[tried]), 1.0)
 
 
 ADAPTIVE_METHODS = ("caddtree", "bastion", "auto")
@@ -118,10 +139,10 @@ class TreeSizer:
     `state()` / `load_state()` carry what it learned into the next process.
     """
 
-    def __init__(self, method: str, cost, cap: int, depths: int, probe_every: int = 8, min_nodes: int = 0,
+    def __init__(self, method: str, cost, cap: int, probe_every: int = 8, min_nodes: int = 0,
                  max_probe_every: int = 64, realized_ema: float = 0.1):
         self.method, self.cost, self.cap = method, cost, cap
-        self.calibrator = AcceptanceCalibrator(depths)
+        self.calibrator = AcceptanceCalibrator()
         self.expected_phi: np.ndarray | None = None
         self.overhead_ms = cost.profile.overhead_ms
         self.probe_every, self.min_nodes = probe_every, min_nodes
@@ -155,17 +176,16 @@ class TreeSizer:
     def state(self) -> dict:
         """What this sizer learned (acceptance calibration, expected gain, realized times, overhead)."""
         return {"method": self.method, "cap": self.cap, "overhead_ms": self.overhead_ms,
-                "acceptance": {"predicted": self.calibrator.predicted.tolist(),
-                               "observed": self.calibrator.observed.tolist()},
+                "acceptance": {"hits": self.calibrator.hits.tolist(), "trials": self.calibrator.trials.tolist()},
                 "expected_phi": None if self.expected_phi is None else self.expected_phi.tolist(),
                 "plain_ms": self.plain_ms, "savings_ms": self.savings_ms}
 
     def load_state(self, state: dict) -> None:
         acceptance = state.get("acceptance", {})
-        if len(acceptance.get("predicted", [])) != self.calibrator.predicted.size:
-            return  # another drafter block size: start fresh
-        self.calibrator.predicted = np.array(acceptance["predicted"], dtype=float)
-        self.calibrator.observed = np.array(acceptance["observed"], dtype=float)
+        if np.shape(acceptance.get("hits")) != self.calibrator.hits.shape:
+            return  # another calibrator layout: start fresh
+        self.calibrator.hits = np.array(acceptance["hits"], dtype=float)
+        self.calibrator.trials = np.array(acceptance["trials"], dtype=float)
         self.overhead_ms = float(state["overhead_ms"])
         phi = state.get("expected_phi")
         self.expected_phi = None if phi is None else np.array(phi, dtype=float)
@@ -209,10 +229,10 @@ class TreeSizer:
 
     def choose(self, tree: Tree, context: int) -> Tree:
         """Prune the drafted tree to the size this method picks."""
+        # the drafter's own best-first order decides WHICH nodes; the calibrated probabilities
+        # decide HOW MANY (ranking by the noisier calibrated cells makes worse trees)
         order = pop_order(tree)
-        probs = self.calibrator.calibrate(tree.scores[order].exp().cpu().numpy(),
-                                          tree.depths[order].cpu().numpy())
-        phi = expected_gain(probs)
+        phi = expected_gain(self.calibrator.calibrate(tree)[order.cpu().numpy()])
         fixed = self.cost.draft_ms(context) + self.overhead_ms
         if self.schedule:
             n = min(self.schedule[len(self.chosen) % len(self.schedule)], tree.size)
@@ -229,12 +249,13 @@ class TreeSizer:
         self._chose = True
         return prune(tree, n)
 
-    def observe(self, tree: Tree, accept_len: int, tokens: int, context: int, verify_ms: float,
+    def observe(self, tree: Tree, path: torch.Tensor, tokens: int, context: int, verify_ms: float,
                 overhead_ms: float, round_ms: float | None = None, draft_ms: float = 0.0) -> None:
         """After a verified round: acceptance, verify and draft times, the per-round overhead of a
         drafted round, and (auto) the realized wall time: of a plain round, or saved by a drafted
         round the prediction approved."""
-        self.calibrator.update(tree, accept_len)
+        accept_len = path.numel() - 1
+        self.calibrator.update(tree, path)
         self.cost.observe(tokens, context, verify_ms)
         if self._chose:  # rounds that skipped the drafter predicted nothing and cost no overhead
             self.observed.append(accept_len)

@@ -94,14 +94,40 @@ def path(tree, i):
 
 def test_calibrator_learns_overconfidence():
     lp = torch.log_softmax(torch.tensor([[4.0, 0, 0], [4.0, 0, 0], [4.0, 0, 0]]), -1)
-    tree = build_tree(lp, root=0, budget=3)  # a chain of confident nodes, p ~ 0.96, 0.93, 0.89
-    cal = AcceptanceCalibrator(depths=3)
+    tree = build_tree(lp, root=0, budget=3)  # a chain of confident nodes, q ~ 0.96 each
+    cal = AcceptanceCalibrator()
+    np.testing.assert_allclose(cal.calibrate(tree), tree.scores.exp().numpy(), atol=0.05)  # identity at first
     for _ in range(300):
-        cal.update(tree, accept_len=1)  # the target only ever accepts the first token
-    f = cal.factors()
-    assert 0.9 < f[0] < 1.1 and f[1] < 0.1 and f[2] < 0.1
-    calibrated = cal.calibrate(np.array([0.9, 0.9]), np.array([1, 2]))
-    assert calibrated[1] < 0.1
+        cal.update(tree, torch.tensor([0, 1]))  # the target only ever accepts the first token
+    calibrated = cal.calibrate(tree)
+    assert calibrated[1] > 0.95 and calibrated[2] < 0.05 and calibrated[3] < 0.05
+
+
+def test_calibrator_maps_each_confidence_level_separately():
+    """Overconfident where q is high, right where it is low: one factor per depth cannot say both."""
+    rng = np.random.default_rng(0)
+    cal = AcceptanceCalibrator()
+    for _ in range(2000):
+        q_high = 0.92
+        lp = torch.log(torch.tensor([[q_high, 0.05, 0.03], [0.2, 0.15, 0.65]]))
+        tree = build_tree(lp, root=0, budget=6)
+        # depth 1: the q = 0.92 token is accepted half of the time; depth 2: each token at its q
+        first = 1 if rng.random() < 0.5 else None
+        path = [0]
+        if first is not None:
+            path.append(first)
+            kids = [i for i in range(1, tree.size + 1) if int(tree.parents[i]) == first]
+            probs = np.exp((tree.scores[kids] - tree.scores[first]).numpy())
+            pick = rng.random()
+            for k, p in zip(kids, probs):
+                if pick < p:
+                    path.append(k)
+                    break
+                pick -= p
+        cal.update(tree, torch.tensor(path))
+    rates = cal.rates()
+    assert abs(rates[0, 9] - 0.5) < 0.08  # q in [0.9, 1) at depth 1: really 0.5
+    assert abs(rates[1, 6] - 0.65) < 0.1 and abs(rates[1, 2] - 0.2) < 0.1  # depth 2: as drafted
 
 
 def test_profile_round_trip_and_online_correction(tmp_path):
@@ -144,14 +170,14 @@ def test_auto_trusts_measured_rounds_over_the_surrogate_and_backs_off_probes():
 
     profile = CostProfile(key={"model": "m"}, sizes=SIZES, contexts=[128], verify_ms=[[20 + s for s in SIZES]],
                           draft_ms=[2.0])
-    sizer = TreeSizer("auto", CostModel(profile), cap=16, depths=4)
+    sizer = TreeSizer("auto", CostModel(profile), cap=16)
     sizer.expected_phi = np.array([0.0, 0.9, 1.7, 2.4, 3.0])  # the drafter promises a lot
     assert sizer.should_draft(128)  # predicted gain beats plain decoding and nothing is measured yet
-    tree = build_tree(torch.log_softmax(torch.randn(4, 8), -1), 1, 4)
+    tree = build_tree(torch.log_softmax(torch.tensor([[6.0] + [0.0] * 7] * 4), -1), 1, 4)  # a confident chain
     sizer.choose(tree, 128)
-    sizer.observe(tree, 0, 5, 128, 25.0, 1.0, round_ms=40.0)  # ... but the drafted round took 40 ms for
+    sizer.observe(tree, torch.tensor([0]), 5, 128, 25.0, 1.0, round_ms=40.0)  # ... but the drafted round took 40 ms for
     assert sizer.savings_ms == pytest.approx(21.0 - 40.0)  # one token, where a plain round takes 21
-    sizer.observe(plain_round(), 0, 1, 128, 21.0, 0.5, round_ms=21.0)
+    sizer.observe(plain_round(), torch.tensor([0]), 1, 128, 21.0, 0.5, round_ms=21.0)
     pattern = [sizer.should_draft(128) for _ in range(30)]
     assert pattern[:9] == [False] * 8 + [True]  # a plain streak, then one probe
     assert pattern[9:26] == [False] * 16 + [True]  # the probe did not win: the next streak is twice as long
@@ -161,7 +187,7 @@ def test_auto_trusts_measured_rounds_over_the_surrogate_and_backs_off_probes():
         sizer.skipped = sizer.probe_every
         assert sizer.should_draft(128)
         sizer.choose(tree, 128)
-        sizer.observe(tree, 3, 5, 128, 25.0, 1.0, round_ms=30.0)
+        sizer.observe(tree, torch.tensor([0, 1, 2, 3]), 5, 128, 25.0, 1.0, round_ms=30.0)
     assert sizer.savings_ms > 0
     assert all(sizer.should_draft(128) for _ in range(5)) and sizer.probe_every == 8
 
@@ -234,17 +260,17 @@ def test_first_use_warms_up_and_a_new_process_starts_from_what_was_learned(tiny_
 
     again = Engine(engine.loaded, engine.drafter, engine.drafter_quant)  # a new process, same cache
     sizer = again.sizer("auto", DEFAULT_CAP)
-    np.testing.assert_allclose(sizer.calibrator.observed, warmed.calibrator.observed)
+    np.testing.assert_allclose(sizer.calibrator.rates(), warmed.calibrator.rates())
     np.testing.assert_allclose(sizer.expected_phi, warmed.expected_phi)
     np.testing.assert_allclose(again.cost_model().size_ratio, cost.size_ratio)
-    assert again.sizer("caddtree", 16).calibrator.observed.tolist() == warmed.calibrator.observed.tolist()
+    assert again.sizer("caddtree", 16).calibrator.hits.tolist() == warmed.calibrator.hits.tolist()
 
 
 def test_auto_builds_only_what_it_may_choose_and_grows_when_choices_reach_it():
     from quanttree.policy import TreeSizer
 
     flat = CostProfile(key={}, sizes=SIZES, contexts=[128], verify_ms=[[20.0] * len(SIZES)], draft_ms=[1.0])
-    sizer = TreeSizer("auto", CostModel(flat), cap=64, depths=15)
+    sizer = TreeSizer("auto", CostModel(flat), cap=64)
     assert sizer.build_budget() == 16
     confident = torch.log_softmax(torch.tensor([[8.0] + [0.0] * 31] * 15), -1)  # every node worth verifying
     for expected in (32, 64, 64):
