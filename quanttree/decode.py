@@ -39,14 +39,12 @@ class DecodeConfig:
 @dataclass
 class PhaseTimes:
     draft: float = 0.0  # drafter passes, absorbing committed tokens included
-    absorb: float = 0.0  # the part of draft that extended the drafter's context with committed tokens
     build: float = 0.0
     verify: float = 0.0
     walk: float = 0.0  # select + walk + KV compaction
 
     def add(self, other: "PhaseTimes") -> None:
         self.draft += other.draft
-        self.absorb += other.absorb
         self.build += other.build
         self.verify += other.verify
         self.walk += other.walk
@@ -151,8 +149,6 @@ def propose(method: str, draft: DraftContext | None, root: int, start: int, cfg:
     if method == "ar" or draft is None or (sizer is not None and not sizer.should_draft(start)):
         return root_only(root)
     t0 = clock()
-    draft.absorb()  # the committed tokens since the last draft (many after a plain streak)
-    times.absorb += clock() - t0
     log_probs = draft.log_probs(root, start)
     if method == "d2sd":  # re-draft from the likely rejection points, with the VP drafter if any
         prefixes = rejection_boundaries(log_probs, cfg.branches)
@@ -239,8 +235,8 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
         times.build = (t1 - t0) - times.draft  # tree building includes compiling it
         if sizer is not None:
             sizer.observe(tree, accepted.path, tree.size + 1, start, 1000 * (t2 - t1),
-                          1000 * (times.build + times.walk), round_ms=1000 * (t3 - t0 - times.absorb),
-                          draft_ms=1000 * (times.draft - times.absorb))
+                          1000 * (times.build + times.walk), round_ms=1000 * (t3 - t0),
+                          draft_ms=1000 * times.draft)
         yield Step(tokens=tokens, tree_size=tree.size, accept_len=accepted.accept_len, times=times,
                    seconds=t3 - t0, finished=finished, tree=tree, path=accepted.path)
         produced += len(tokens)

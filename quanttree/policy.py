@@ -118,6 +118,32 @@ class AcceptanceCalibrator:
         np.add.at(self.trials, (group[tried], qbin[tried]), 1.0)
 
 
+class Savings:
+    """Decayed mean and standard error of the ms drafted rounds saved (negative: lost) against
+    plain rounds producing the same tokens. Every drafted round is a sample; with the decay (per
+    sample) the sums hold (1 + decay) / (1 - decay) effective samples at most.""" 
+
+    def __init__(self, decay: float = 0.98):
+        self.decay = decay
+        self.sums = [0.0, 0.0, 0.0, 0.0]  # weights, squared weights, weighted sum, weighted square sum
+
+    def add(self, ms: float) -> None:
+        w, w2, s1, s2 = self.sums
+        d = self.decay
+        self.sums = [d * w + 1.0, d * d * w2 + 1.0, d * s1 + ms, d * s2 + ms * ms]
+
+    def count(self) -> float:
+        """Effective number of samples."""
+        w, w2 = self.sums[0], self.sums[1]
+        return w * w / w2 if w2 > 0 else 0.0
+
+    def mean_se(self) -> tuple[float, float]:
+        w, _, s1, s2 = self.sums
+        mean = s1 / w
+        var = max(s2 / w - mean * mean, 0.0)
+        return mean, (var / max(self.count(), 1.0)) ** 0.5
+
+
 ADAPTIVE_METHODS = ("caddtree", "bastion", "auto")
 
 
@@ -127,12 +153,13 @@ class TreeSizer:
     caddtree: the greedy stopping rule on the convex fit of C_v.
     bastion:  the greedy rule on the calibrated roofline estimate, never below `min_nodes`.
     auto:     the exact argmax on the raw measured table, n = 0 included. Before drafting it
-              checks that speculation pays, twice: predicted (recent rounds' expected gain on
-              the measured curve beats plain decoding) and realized (drafted rounds save time:
-              each one's wall time against what plain rounds would have taken for the tokens it
-              committed, an EMA over drafted rounds). When either says no it decodes plainly,
-              probing with a drafted round after `probe_every` plain rounds, the interval doubling
-              (to `max_probe_every`) while probes keep losing.
+              checks that speculation pays: measured, once `min_samples` drafted rounds are
+              known, as the time drafted rounds saved against plain rounds producing the same
+              tokens (drafting goes on while the mean saving plus one standard error is >= 0);
+              predicted before that (recent rounds' expected gain on the measured curve beats
+              plain decoding). When it does not pay it decodes plainly, probing with a drafted
+              round after `probe_every` plain rounds, the interval doubling (to
+              `max_probe_every`) while the answer stays no.
 
     `explore(sizes)` makes any method draft every round and verify the given node counts in turn
     (the calibration warm-up: in-situ verify costs at every size, and acceptance statistics).
@@ -140,19 +167,18 @@ class TreeSizer:
     """
 
     def __init__(self, method: str, cost, cap: int, probe_every: int = 8, min_nodes: int = 0,
-                 max_probe_every: int = 64, realized_ema: float = 0.1):
+                 max_probe_every: int = 64, min_samples: float = 6.0):
         self.method, self.cost, self.cap = method, cost, cap
         self.calibrator = AcceptanceCalibrator()
         self.expected_phi: np.ndarray | None = None
         self.overhead_ms = cost.profile.overhead_ms
         self.probe_every, self.min_nodes = probe_every, min_nodes
         self.base_probe_every, self.max_probe_every = probe_every, max_probe_every
-        # EMAs (None before any): wall ms of a plain round, and ms a drafted round saved against
-        # plain rounds producing its tokens (per round matched, so it is not biased by when
-        # auto chooses to draft)
-        self.plain_ms: float | None = None
-        self.savings_ms: float | None = None
-        self.realized_ema = realized_ema
+        # measured: ms a plain round spends outside its verify forward (EMA), and what drafted
+        # rounds saved against the plain rounds that would have produced their tokens
+        self.plain_extra_ms = 0.3
+        self.savings = Savings()
+        self.min_samples = min_samples
         self.skipped = 0
         self.chosen: list[int] = []
         # per verified round: expected accepted tokens of the chosen tree from the drafter's raw
@@ -160,7 +186,7 @@ class TreeSizer:
         self.predicted_raw: list[float] = []
         self.predicted: list[float] = []
         self.observed: list[int] = []
-        self._chose = self._approved = False
+        self._chose = False
         self.schedule: list[int] = []
         self._build = min(cap, 16)
 
@@ -178,7 +204,7 @@ class TreeSizer:
         return {"method": self.method, "cap": self.cap, "overhead_ms": self.overhead_ms,
                 "acceptance": {"hits": self.calibrator.hits.tolist(), "trials": self.calibrator.trials.tolist()},
                 "expected_phi": None if self.expected_phi is None else self.expected_phi.tolist(),
-                "plain_ms": self.plain_ms, "savings_ms": self.savings_ms}
+                "plain_extra_ms": self.plain_extra_ms, "savings": self.savings.sums}
 
     def load_state(self, state: dict) -> None:
         acceptance = state.get("acceptance", {})
@@ -189,7 +215,8 @@ class TreeSizer:
         self.overhead_ms = float(state["overhead_ms"])
         phi = state.get("expected_phi")
         self.expected_phi = None if phi is None else np.array(phi, dtype=float)
-        self.plain_ms, self.savings_ms = state.get("plain_ms"), state.get("savings_ms")
+        self.plain_extra_ms = float(state.get("plain_extra_ms", self.plain_extra_ms))
+        self.savings.sums = [float(x) for x in state.get("savings", self.savings.sums)]
 
     def _curve(self, context: int, smooth: bool) -> np.ndarray:
         if self.method == "bastion":
@@ -203,11 +230,18 @@ class TreeSizer:
         return throughput(self.expected_phi, verify, fixed)[1:].max(initial=0.0) > 1.0 / verify[0]
 
     def speculation_pays(self, context: int) -> bool:
-        """Predicted to pay, and drafted rounds the prediction approved have saved time."""
-        return self.predicted_pays(context) and (self.savings_ms is None or self.savings_ms >= 0.0)
+        """Measured drafted rounds save time (optimistically: mean + one standard error >= 0);
+        the prediction decides until enough drafted rounds are measured."""
+        if self.savings.count() < self.min_samples:
+            return self.predicted_pays(context)
+        mean, se = self.savings.mean_se()
+        return mean + se >= 0.0
+
+    def plain_round_ms(self, context: int) -> float:
+        """What a plain round costs here: the measured one-token verify plus its small extras."""
+        return self.cost.verify_ms(1, context) + self.plain_extra_ms
 
     def should_draft(self, context: int) -> bool:
-        self._approved = False
         if self.method != "auto" or self.expected_phi is None or self.schedule:
             return True
         if 0 < self.skipped < self.probe_every:  # inside a plain streak: no evaluation at all
@@ -217,11 +251,9 @@ class TreeSizer:
         if self.skipped:  # the streak ends with a probe; the next one is longer if this one loses
             self.skipped = 0
             self.probe_every = min(2 * self.probe_every, self.max_probe_every)
-            self._approved = self.predicted_pays(context)  # its savings count only if approved
             return True
         if self.speculation_pays(context):
             self.probe_every = self.base_probe_every
-            self._approved = True
             return True
         self.skipped = 1
         self.chosen.append(0)
@@ -262,16 +294,11 @@ class TreeSizer:
             self.cost.observe_draft(context, draft_ms)
             self.overhead_ms = 0.9 * self.overhead_ms + 0.1 * overhead_ms
         if round_ms is not None and round_ms > 0 and not self.schedule:  # exploring is not the policy
-            if self._chose and self._approved:
-                plain = self.plain_ms if self.plain_ms is not None else self.cost.verify_ms(1, context)
-                self.savings_ms = _ema(self.savings_ms, (accept_len + 1) * plain - round_ms, self.realized_ema)
-            elif not self._chose:
-                self.plain_ms = _ema(self.plain_ms, round_ms, self.realized_ema)
-        self._chose = self._approved = False
-
-
-def _ema(old: float | None, new: float, weight: float) -> float:
-    return new if old is None else (1 - weight) * old + weight * new
+            if self._chose:
+                self.savings.add((accept_len + 1) * self.plain_round_ms(context) - round_ms)
+            else:
+                self.plain_extra_ms = 0.9 * self.plain_extra_ms + 0.1 * max(round_ms - verify_ms, 0.0)
+        self._chose = False
 
 
 def _ema_curve(old: np.ndarray, new: np.ndarray, ema: float = 0.2) -> np.ndarray:

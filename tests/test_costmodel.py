@@ -170,26 +170,41 @@ def test_auto_trusts_measured_rounds_over_the_surrogate_and_backs_off_probes():
 
     profile = CostProfile(key={"model": "m"}, sizes=SIZES, contexts=[128], verify_ms=[[20 + s for s in SIZES]],
                           draft_ms=[2.0])
-    sizer = TreeSizer("auto", CostModel(profile), cap=16)
+    sizer = TreeSizer("auto", CostModel(profile), cap=16, min_samples=4)
     sizer.expected_phi = np.array([0.0, 0.9, 1.7, 2.4, 3.0])  # the drafter promises a lot
-    assert sizer.should_draft(128)  # predicted gain beats plain decoding and nothing is measured yet
-    tree = build_tree(torch.log_softmax(torch.tensor([[6.0] + [0.0] * 7] * 4), -1), 1, 4)  # a confident chain
-    sizer.choose(tree, 128)
-    sizer.observe(tree, torch.tensor([0]), 5, 128, 25.0, 1.0, round_ms=40.0)  # ... but the drafted round took 40 ms for
-    assert sizer.savings_ms == pytest.approx(21.0 - 40.0)  # one token, where a plain round takes 21
-    sizer.observe(plain_round(), torch.tensor([0]), 1, 128, 21.0, 0.5, round_ms=21.0)
-    pattern = [sizer.should_draft(128) for _ in range(30)]
-    assert pattern[:9] == [False] * 8 + [True]  # a plain streak, then one probe
-    assert pattern[9:26] == [False] * 16 + [True]  # the probe did not win: the next streak is twice as long
-    assert sizer.chosen[1:] == [0] * 28 and sizer.probe_every == 32
-    # a probe the prediction approves counts: when it saves time, auto drafts every round again
-    for _ in range(10):  # probes that save time (4 tokens in 30 ms where plain takes 84 ms)
+    chain = build_tree(torch.log_softmax(torch.tensor([[6.0] + [0.0] * 7] * 4), -1), 1, 4)  # a confident chain
+
+    def drafted_round(path, round_ms):
+        sizer.choose(chain, 128)
+        sizer.observe(chain, torch.tensor(path), 5, 128, 25.0, 1.0, round_ms=round_ms)
+
+    for _ in range(5):  # predicted to pay, so it drafts, but each round takes 40 ms for one token
+        assert sizer.should_draft(128)
+        drafted_round([0], 40.0)
+    mean, se = sizer.savings.mean_se()
+    assert mean == pytest.approx(21.3 - 40.0) and se == pytest.approx(0.0, abs=1e-6)  # plain: 21 ms + extras
+    pattern = [sizer.should_draft(128) for _ in range(26)]
+    assert pattern[:9] == [False] * 8 + [True]  # measured to lose: a plain streak, then one probe
+    assert pattern[9:26] == [False] * 16 + [True]  # still no: the next streak is twice as long
+    assert sizer.probe_every == 32
+    for _ in range(12):  # probes that save time (4 tokens in 30 ms where plain takes 4 x 21.3)
         sizer.skipped = sizer.probe_every
         assert sizer.should_draft(128)
-        sizer.choose(tree, 128)
-        sizer.observe(tree, torch.tensor([0, 1, 2, 3]), 5, 128, 25.0, 1.0, round_ms=30.0)
-    assert sizer.savings_ms > 0
+        drafted_round([0, 1, 2, 3], 30.0)
+    assert sizer.savings.mean_se()[0] > 0
     assert all(sizer.should_draft(128) for _ in range(5)) and sizer.probe_every == 8
+
+
+def test_savings_mean_and_standard_error():
+    from quanttree.policy import Savings
+
+    rng = np.random.default_rng(0)
+    savings = Savings(decay=0.98)
+    for x in rng.normal(2.0, 15.0, 3000):
+        savings.add(float(x))
+    mean, se = savings.mean_se()
+    assert savings.count() == pytest.approx((1 + 0.98) / (1 - 0.98))  # effective samples of the decayed sums
+    assert abs(se - 15.0 / savings.count() ** 0.5) < 0.6 and abs(mean - 2.0) < 4 * se
 
 
 def plain_round():
@@ -253,7 +268,7 @@ def test_first_use_warms_up_and_a_new_process_starts_from_what_was_learned(tiny_
     warmed = engine.sizer("auto", DEFAULT_CAP)
     assert warmed.expected_phi is not None and not warmed.schedule and warmed.chosen == []
     assert (cost.size_weight > 0).sum() >= 4  # in-situ verify costs at several sizes
-    assert warmed.savings_ms is None and warmed.plain_ms is None  # exploring is not the policy
+    assert warmed.savings.count() == 0  # exploring is not the policy
     engine.generate("the cat sat on", method="auto", max_new_tokens=12, chat=False)
     saved = json.loads(learned_path(profile_path(profile_key(engine))).read_text())
     assert f"auto/{DEFAULT_CAP}" in saved["sizers"]
