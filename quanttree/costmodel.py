@@ -176,17 +176,19 @@ def interp(x, xs, ys):
 class CostModel:
     """Predicts round costs from a profile and corrects them online from measured times.
 
-    Two in-situ corrections, both EMAs of measured / profiled: a global ratio (drift: thermal,
-    other load; it also scales sizes never measured in decoding) and a per-size ratio at each grid
-    size the decode loop has actually run (its shape: a profile taken by repeating one forward in
-    a tight loop can be off by 10-20% for some sizes). A size's own ratio is shrunk toward the
-    global one until it has `trust` observations. The drafter pass has its own ratio."""
+    measured / profiled = drift x shape. Drift (thermal, other load) is one ratio for every
+    size, an EMA over all measured verifies; shape is a per-size residual at each grid size the
+    decode loop has actually run (a profile taken by repeating one forward in a tight loop can
+    be 10-20% off for some sizes), measured relative to the drift at the time, so a size seen
+    long ago still follows today's drift. Residuals learn at half the drift's speed, keep a
+    geometric mean of 1 over the measured sizes (a common level is drift) and are shrunk toward
+    1 until they have `trust` observations. The drafter pass has its own ratio."""
 
     def __init__(self, profile: CostProfile, ema: float = 0.1, trust: float = 3.0):
         self.profile = profile
         self.ema, self.trust = ema, trust
-        self.ratio = 1.0
-        self.size_ratio = np.ones(len(profile.sizes))  # [S] per grid size
+        self.ratio = 1.0  # drift
+        self.size_ratio = np.ones(len(profile.sizes))  # [S] shape residual per grid size
         self.size_weight = np.zeros(len(profile.sizes))  # [S] observations seen per grid size
         self.draft_ratio = 1.0
 
@@ -202,16 +204,16 @@ class CostModel:
             * _fraction(context, self.profile.contexts)
         return out if np.ndim(tokens) else float(out[0])
 
-    def correction(self, tokens):
-        """The online correction factor of a `tokens`-token verify (scalar or array)."""
+    def shape(self, tokens):
+        """The shape residual of a `tokens`-token verify (scalar or array), 1 where unmeasured."""
         trust = self.size_weight / (self.size_weight + self.trust)
-        return interp(tokens, self.profile.sizes, self.ratio + trust * (self.size_ratio - self.ratio))
+        return interp(tokens, self.profile.sizes, 1.0 + trust * (self.size_ratio - 1.0))
 
     def verify_ms(self, tokens, context: int, smooth: bool = False):
         """C_v for a forward of `tokens` new tokens after `context` cached ones (tokens: scalar
         or array). The convex fit (smooth) gets the drift ratio only: a per-size correction
         would undo its convexity."""
-        factor = self.ratio if smooth else self.correction(tokens)
+        factor = self.ratio if smooth else self.ratio * self.shape(tokens)
         return factor * self.profiled_ms(tokens, context, smooth)
 
     def verify_curve(self, max_tokens: int, context: int, smooth: bool = False) -> np.ndarray:
@@ -228,22 +230,27 @@ class CostModel:
         return self.draft_ratio * interp(context, self.profile.contexts, self.profile.draft_ms)
 
     def observe(self, tokens: int, context: int, measured_ms: float) -> None:
-        """Fold a measured verify time into the drift ratio and the ratios of the two grid sizes
-        around `tokens` (weighted by closeness)."""
+        """Fold a measured verify time into the drift and into the shape residuals of the two grid
+        sizes around `tokens` (weighted by closeness)."""
         profiled = self.profiled_ms(tokens, context)
         if profiled <= 0 or measured_ms <= 0:
             return
         r = measured_ms / profiled
-        self.ratio = (1 - self.ema) * self.ratio + self.ema * r
+        self.ratio = (1 - self.ema) * self.ratio + self.ema * r / self.shape(tokens)
+        r = r / self.ratio  # the residual of this size under today's drift
         sizes = self.profile.sizes
         i = min(max(int(np.searchsorted(sizes, tokens, side="right")) - 1, 0), len(sizes) - 1)
         j = min(i + 1, len(sizes) - 1)
         t = 0.0 if i == j else min(max((tokens - sizes[i]) / (sizes[j] - sizes[i]), 0.0), 1.0)
         for k, w in ((i, 1 - t), (j, t)):
             if w > 0:
-                step = self.ema * w if self.size_weight[k] > 0 else w  # the first observation sets it
-                self.size_ratio[k] += step * (r - self.size_ratio[k])
+                # half the drift's speed: a change every size shares goes to the drift first
+                self.size_ratio[k] += 0.5 * self.ema * w * (r - self.size_ratio[k])
                 self.size_weight[k] += w
+        # what all measured sizes share is drift, not shape: residuals keep a geometric mean of 1
+        level = np.exp(np.average(np.log(self.size_ratio), weights=self.size_weight))
+        self.size_ratio /= level
+        self.ratio *= level
 
     def observe_draft(self, context: int, measured_ms: float) -> None:
         """Fold a measured drafter pass (with its context absorption) into the draft ratio."""
