@@ -206,8 +206,9 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
                          feature_layers=layers, last_only=True)
     root = int(select_tokens(out.logits[-1:], cfg.sampling, gen)[0])
     for ctx in (draft, second):
-        if ctx is not None:
+        if ctx is not None:  # the drafter reads the prompt now: part of prefill, not of a round
             ctx.commit(out.features, torch.arange(len(prompt_ids), device=device))
+            ctx.absorb()
     tokens, finished = finish([root], 0, cfg)
     t1 = clock()
     yield Step(tokens=tokens, prefill=True, seconds=t1 - t0, finished=finished,

@@ -98,10 +98,12 @@ class AcceptanceCalibrator:
     def calibrate(self, tree: Tree) -> np.ndarray:
         """Calibrated path probabilities of every node (root = 1), parents before children. [n+1]"""
         group, qbin, parents = self._cells(tree)
-        rate = self.rates()[group, qbin]
+        rate = np.concatenate([[1.0], self.rates()[group, qbin]])  # [n+1]
+        depths = tree.depths.cpu().numpy()
         out = np.ones(tree.size + 1)
-        for i in range(1, tree.size + 1):
-            out[i] = out[parents[i]] * rate[i - 1]
+        for d in range(1, int(depths.max(initial=0)) + 1):  # parents are one level up, done already
+            level = depths == d
+            out[level] = out[parents[level]] * rate[level]
         return out
 
     def update(self, tree: Tree, path: torch.Tensor) -> None:
