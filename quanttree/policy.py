@@ -190,10 +190,10 @@ class TreeSizer:
         self.observed: list[int] = []
         self._chose = False
         self.schedule: list[int] = []
-        self._build = min(cap, 16)
+        self._build = min(cap, 8)
 
     def build_budget(self) -> int:
-        """Nodes to build before choosing: twice the largest recent choice (at least 16, at most
+        """Nodes to build before choosing: twice the largest recent choice (at least 8, at most
         the cap), so a round does not build 64 nodes to verify 4; it grows as choices near it."""
         return self.cap if self.schedule else self._build
 
@@ -220,14 +220,16 @@ class TreeSizer:
         self.plain_extra_ms = float(state.get("plain_extra_ms", self.plain_extra_ms))
         self.savings.sums = [float(x) for x in state.get("savings", self.savings.sums)]
 
-    def _curve(self, context: int, smooth: bool) -> np.ndarray:
+    def _curve(self, context: int, smooth: bool, nodes: int | None = None) -> np.ndarray:
+        """C_v for 1 .. nodes + 1 tokens (nodes: the cap by default)."""
+        tokens = (self.cap if nodes is None else nodes) + 1
         if self.method == "bastion":
-            return np.array([self.cost.roofline_ms(n, context) for n in range(1, self.cap + 2)])
-        return self.cost.verify_curve(self.cap + 1, context, smooth=smooth)
+            return np.array([self.cost.roofline_ms(n, context) for n in range(1, tokens + 1)])
+        return self.cost.verify_curve(tokens, context, smooth=smooth)
 
     def predicted_pays(self, context: int) -> bool:
         """Recent rounds' expected gain, on the measured curve, beats plain decoding."""
-        verify = self._curve(context, smooth=False)
+        verify = self._curve(context, smooth=False, nodes=self.expected_phi.size - 1)
         fixed = self.cost.draft_ms(context) + self.overhead_ms
         return throughput(self.expected_phi, verify, fixed)[1:].max(initial=0.0) > 1.0 / verify[0]
 
@@ -271,13 +273,14 @@ class TreeSizer:
         if self.schedule:
             n = min(self.schedule[len(self.chosen) % len(self.schedule)], tree.size)
         elif self.method == "auto":
-            n = best_size(phi, self._curve(context, smooth=False), fixed)
+            n = best_size(phi, self._curve(context, smooth=False, nodes=tree.size), fixed)
         else:
-            n = max(greedy_size(phi, self._curve(context, smooth=True), fixed), min(self.min_nodes, tree.size))
+            n = max(greedy_size(phi, self._curve(context, smooth=True, nodes=tree.size), fixed),
+                    min(self.min_nodes, tree.size))
         self.expected_phi = phi if self.expected_phi is None else _ema_curve(self.expected_phi, phi)
         self.chosen.append(n)
-        recent = max((c for c in self.chosen[-32:]), default=0)
-        self._build = min(self.cap, max(16, 2 * recent))
+        recent = max((c for c in self.chosen[-16:]), default=0)
+        self._build = min(self.cap, max(8, 2 * recent))
         self.predicted_raw.append(float(tree.scores[order[:n]].exp().sum()))
         self.predicted.append(float(phi[min(n, phi.size - 1)]))
         self._chose = True

@@ -286,9 +286,9 @@ def test_auto_builds_only_what_it_may_choose_and_grows_when_choices_reach_it():
 
     flat = CostProfile(key={}, sizes=SIZES, contexts=[128], verify_ms=[[20.0] * len(SIZES)], draft_ms=[1.0])
     sizer = TreeSizer("auto", CostModel(flat), cap=64)
-    assert sizer.build_budget() == 16
+    assert sizer.build_budget() == 8
     confident = torch.log_softmax(torch.tensor([[8.0] + [0.0] * 31] * 15), -1)  # every node worth verifying
-    for expected in (32, 64, 64):
+    for expected in (16, 32, 64, 64):
         tree = build_tree(confident, 1, sizer.build_budget())
         assert sizer.choose(tree, 128).size == tree.size  # a flat curve: verify all built nodes
         assert sizer.build_budget() == expected
