@@ -185,7 +185,9 @@ class Engine:
         sizers = dict(self._learned.get("sizers", {}))
         sizers.update({f"{m}/{b}": s.state() for (m, b), s in self._sizers.items()})
         self._learned = {"version": LEARNED_VERSION, "cost": self._cost.state(), "sizers": sizers}
-        self._learned_path.write_text(json.dumps(self._learned))
+        part = self._learned_path.with_suffix(".part")
+        part.write_text(json.dumps(self._learned))
+        part.replace(self._learned_path)  # atomic: another process never reads half a file
 
     @property
     def device(self) -> torch.device:

@@ -71,8 +71,9 @@ class AcceptanceCalibrator:
     A node's own probability q (its token's draft marginal: path probability over its parent's)
     is mapped to the observed rate at which such a node is accepted when its parent was, per
     depth group (1, 2, 3, 4+) and per tenth of q; a calibrated path probability is the product
-    of the mapped rates along the path. Binning by q catches what one factor per depth cannot:
-    this drafter is overconfident exactly on the confident nodes a cost-aware policy keeps.
+    of the mapped rates along the path. Binning by q lets over- and underconfidence differ by
+    confidence level, which one factor per depth cannot (and a cost-aware policy keeps exactly
+    the confident nodes, so their level is the one that matters).
     Counts decay every round (the map follows drift); each cell starts at its own q (identity)
     with the weight of `prior` observations."""
 
@@ -123,7 +124,7 @@ class AcceptanceCalibrator:
 class Savings:
     """Decayed mean and standard error of the ms drafted rounds saved (negative: lost) against
     plain rounds producing the same tokens. Every drafted round is a sample; with the decay (per
-    sample) the sums hold (1 + decay) / (1 - decay) effective samples at most.""" 
+    sample) the sums hold (1 + decay) / (1 - decay) effective samples at most."""
 
     def __init__(self, decay: float = 0.98):
         self.decay = decay
@@ -202,7 +203,7 @@ class TreeSizer:
         self.schedule = list(sizes)
 
     def state(self) -> dict:
-        """What this sizer learned (acceptance calibration, expected gain, realized times, overhead)."""
+        """What this sizer learned (acceptance map, expected gain, measured savings, overheads)."""
         return {"method": self.method, "cap": self.cap, "overhead_ms": self.overhead_ms,
                 "acceptance": {"hits": self.calibrator.hits.tolist(), "trials": self.calibrator.trials.tolist()},
                 "expected_phi": None if self.expected_phi is None else self.expected_phi.tolist(),
@@ -279,7 +280,7 @@ class TreeSizer:
                     min(self.min_nodes, tree.size))
         self.expected_phi = phi if self.expected_phi is None else _ema_curve(self.expected_phi, phi)
         self.chosen.append(n)
-        recent = max((c for c in self.chosen[-16:]), default=0)
+        recent = max(self.chosen[-16:], default=0)
         self._build = min(self.cap, max(8, 2 * recent))
         self.predicted_raw.append(float(tree.scores[order[:n]].exp().sum()))
         self.predicted.append(float(phi[min(n, phi.size - 1)]))
@@ -289,8 +290,8 @@ class TreeSizer:
     def observe(self, tree: Tree, path: torch.Tensor, tokens: int, context: int, verify_ms: float,
                 overhead_ms: float, round_ms: float | None = None, draft_ms: float = 0.0) -> None:
         """After a verified round: acceptance, verify and draft times, the per-round overhead of a
-        drafted round, and (auto) the realized wall time: of a plain round, or saved by a drafted
-        round the prediction approved."""
+        drafted round, and (auto) the measured wall time: a plain round's extras beyond its
+        verify forward, or what a drafted round saved against plain rounds."""
         accept_len = path.numel() - 1
         self.calibrator.update(tree, path)
         self.cost.observe(tokens, context, verify_ms)
