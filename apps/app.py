@@ -158,8 +158,8 @@ def compare(cache: EngineCache, prompt: str, max_new_tokens: int, temperature: f
     engine = cache.get(quant, drafter_quant, log)
     if engine.drafter is None and method != "ar":
         raise QuanttreeError("no drafter is loaded for this target, so only plain decoding can run")
-    if method in ("caddtree", "bastion", "auto") and engine._cost is None and progress is not None:
-        progress(0.6, desc="measuring this machine's verify cost once (cached afterwards)…")
+    if method in ("caddtree", "bastion", "auto") and not engine.calibrated and progress is not None:
+        progress(0.6, desc="measuring this machine's verify cost and the drafter's acceptance once (cached)…")
         engine.cost_model(progress=False)
     ar, spec = PaneState(), PaneState()
     tree_fig = tree_figure(None, engine.tokenizer)

@@ -119,13 +119,13 @@ class PeakRSS:
 
 
 def run_ours(engine, prompt: str, method: str, budget: int, max_new: int) -> dict:
-    sizer = engine._sizers.get((method, budget))
+    sizer = engine.policy(method, budget)
     before = len(sizer.chosen) if sizer else 0
     before_obs = len(sizer.observed) if sizer else 0
     with PeakRSS(engine.device) as mem:
         res = engine.generate(prompt, method=method, budget=budget, max_new_tokens=max_new)
     s = res.stats
-    sizer = engine._sizers.get((method, budget))
+    sizer = engine.policy(method, budget)
     chosen = sizer.chosen[before:] if sizer else []
     return {"tps": s.decode_tokens_per_s, "tau": s.tau if method != "ar" else 1.0, "tree": s.mean_tree_size,
             "phase_ms": s.phase_ms(), "rounds": s.rounds, "ids": res.token_ids, "peak_mb": mem.peak / 2**20,

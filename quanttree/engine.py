@@ -162,6 +162,15 @@ class Engine:
             self._sizers[key] = sizer
         return self._sizers[key]
 
+    def policy(self, method: str, budget: int) -> TreeSizer | None:
+        """The sizer an adaptive method has used with this budget (its per-round records), if any."""
+        return self._sizers.get((method, budget))
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the cost model is loaded (else the first adaptive run measures it)."""
+        return self._cost is not None
+
     def warm_up(self, progress: bool = True) -> None:
         """Decode the warm-up prompts with every tree size in turn: in-situ verify costs at each
         size and acceptance statistics, so `auto` starts calibrated; saved beside the profile."""

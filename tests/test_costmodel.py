@@ -239,7 +239,7 @@ def test_adaptive_methods_are_lossless_and_auto_falls_back_to_ar(tiny_dirs, tmp_
     out = engine.generate("the cat sat on", method="auto", budget=16, max_new_tokens=30, chat=False)
     assert out.token_ids == ar.token_ids
     assert out.stats.tree_nodes == 0 and out.stats.target_forwards == len(out.token_ids)
-    sizer = engine._sizers[("auto", 16)]
+    sizer = engine.policy("auto", 16)
     assert set(sizer.chosen) == {0}
 
 
