@@ -112,16 +112,6 @@ def violations(sizes: list[int], values: list[float], tolerance: float = 0.05) -
 BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "nf4": 0.53, "fp4": 0.53}
 
 
-def _segment(x: float, xs: list[float]) -> int:
-    """Index i of the segment [xs[i], xs[i+1]] used to interpolate (or extrapolate) at x."""
-    return int(np.clip(np.searchsorted(xs, x) - 1, 0, len(xs) - 2))
-
-
-def _fraction(x: float, xs: list[float]) -> float:
-    i = _segment(x, xs)
-    return (x - xs[i]) / (xs[i + 1] - xs[i])
-
-
 def model_shape(model, quant: str) -> dict:
     """What the roofline estimate needs from a target: sizes and weight bytes per parameter."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -163,14 +153,15 @@ def fit_roofline(profile: "CostProfile") -> list[float]:
 
 def interp(x, xs, ys):
     """Piecewise-linear interpolation, linear extrapolation past both ends. x: scalar or array
-    (the result has its shape)."""
+    (the result has its shape); or x scalar and ys [len(xs), ...] (rows interpolated)."""
     xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
     if xs.size == 1:
-        return np.full(np.shape(x), ys[0]) if np.ndim(x) else float(ys[0])
-    i = np.clip(np.searchsorted(xs, x) - 1, 0, xs.size - 2)
-    t = (np.asarray(x, dtype=float) - xs[i]) / (xs[i + 1] - xs[i])
-    out = ys[i] + t * (ys[i + 1] - ys[i])
-    return out if np.ndim(x) else float(out)
+        out = np.broadcast_to(ys[0], np.shape(x)) if np.ndim(x) else ys[0]
+    else:
+        i = np.clip(np.searchsorted(xs, x) - 1, 0, xs.size - 2)
+        t = (np.asarray(x, dtype=float) - xs[i]) / (xs[i + 1] - xs[i])
+        out = ys[i] + t * (ys[i + 1] - ys[i])
+    return out if np.ndim(out) else float(out)
 
 
 class CostModel:
@@ -199,9 +190,7 @@ class CostModel:
         """C_v as profiled, before any online correction (tokens: scalar or array)."""
         per_context = np.stack([interp(np.atleast_1d(tokens), self.profile.sizes, row)
                                 for row in self._table(smooth)])  # [C, T]
-        out = per_context[0] if len(self.profile.contexts) == 1 else \
-            per_context[0] + (per_context[1:] - per_context[:-1])[_segment(context, self.profile.contexts)] \
-            * _fraction(context, self.profile.contexts)
+        out = interp(context, self.profile.contexts, per_context)  # [T]
         return out if np.ndim(tokens) else float(out[0])
 
     def shape(self, tokens):
