@@ -37,9 +37,19 @@ def throughput(phi: np.ndarray, verify: np.ndarray, fixed_ms: float) -> np.ndarr
     return (1.0 + phi[:m]) / (fixed_ms + verify[:m])
 
 
-def best_size(phi: np.ndarray, verify: np.ndarray, fixed_ms: float) -> int:
-    """Exact argmax of theta over n = 0..N on the given (raw, possibly non-convex) curve."""
-    return int(np.argmax(throughput(phi, verify, fixed_ms)))
+def best_size(phi: np.ndarray, verify: np.ndarray, rate: float) -> int:
+    """Exact argmax over n = 0..N of Phi(n) - rate * C_v(n + 1) on the given (raw, possibly
+    non-convex) curve: the tokens a round's nodes add beyond what decoding at `rate` tokens per
+    ms would produce in the time they take. phi, verify: [N+1] (the shorter wins)
+
+    Tokens per second over many rounds is a ratio of sums, sum(1 + Phi) / sum(C); it is maximal
+    when every round maximises 1 + Phi - rate * C with rate at that maximum (Dinkelbach), so the
+    draft pass and overheads, paid once a round has drafted, do not change the choice. With
+    rate = max theta of one round this is that round's argmax of theta; maximising each round's
+    own theta instead (a mean of ratios) takes too few nodes in confident rounds and too many in
+    doubtful ones."""
+    m = min(phi.size, verify.size)
+    return int(np.argmax(phi[:m] - rate * verify[:m]))
 
 
 def greedy_size(phi: np.ndarray, verify: np.ndarray, fixed_ms: float) -> int:
@@ -70,17 +80,22 @@ class AcceptanceCalibrator:
 
     A node's own probability q (its token's draft marginal: path probability over its parent's)
     is mapped to the observed rate at which such a node is accepted when its parent was, per
-    depth group (1, 2, 3, 4+) and per tenth of q; a calibrated path probability is the product
-    of the mapped rates along the path. Binning by q lets over- and underconfidence differ by
+    depth group (1, 2, 3, 4+) and per bin of q; a calibrated path probability is the product
+    of the mapped rates along the path. The bins are finer at low q, where a weak drafter's
+    nodes live (a tree's tail is nodes of q = 0.01-0.1, and one bin for all of them flattens
+    its ranks: the 5th and the 16th node were predicted the same). Binning by q lets over- and underconfidence differ by
     confidence level, which one factor per depth cannot (and a cost-aware policy keeps exactly
     the confident nodes, so their level is the one that matters).
     Counts decay every round (the map follows drift); each cell starts at its own q (identity)
     with the weight of `prior` observations."""
 
-    def __init__(self, depth_groups: int = 4, bins: int = 10, decay: float = 0.995, prior: float = 4.0):
-        centres = (np.arange(bins) + 0.5) / bins
+    EDGES = np.array([0.0, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+                      0.65, 0.8, 0.9, 1.0])
+
+    def __init__(self, depth_groups: int = 4, decay: float = 0.995, prior: float = 4.0):
+        centres = (self.EDGES[1:] + self.EDGES[:-1]) / 2
         self.hits = np.tile(centres * prior, (depth_groups, 1))  # [G, B] accepted (decayed counts)
-        self.trials = np.full((depth_groups, bins), prior)  # [G, B] parent accepted (decayed counts)
+        self.trials = np.full((depth_groups, centres.size), prior)  # [G, B] parent accepted (decayed)
         self.decay = decay
 
     def rates(self) -> np.ndarray:
@@ -92,9 +107,13 @@ class AcceptanceCalibrator:
         scores = tree.scores.float().cpu().numpy()
         parents = tree.parents.cpu().numpy()
         q = np.exp(scores[1:] - scores[np.maximum(parents[1:], 0)])  # [n] own probabilities
-        groups, bins = self.hits.shape
-        group = np.minimum(tree.depths[1:].cpu().numpy(), groups) - 1
-        return group, np.minimum((q * bins).astype(int), bins - 1), parents
+        group = np.minimum(tree.depths[1:].cpu().numpy(), self.hits.shape[0]) - 1
+        return group, self.bin(q), parents
+
+    @classmethod
+    def bin(cls, q):
+        """The bin of own probability q (scalar or array)."""
+        return np.searchsorted(cls.EDGES[1:-1], q, side="right")
 
     def calibrate(self, tree: Tree) -> np.ndarray:
         """Calibrated path probabilities of every node (root = 1), parents before children. [n+1]"""
@@ -155,7 +174,9 @@ class TreeSizer:
 
     caddtree: the greedy stopping rule on the convex fit of C_v.
     bastion:  the greedy rule on the calibrated roofline estimate, never below `min_nodes`.
-    auto:     the exact argmax on the raw measured table, n = 0 included. Before drafting it
+    auto:     the exact argmax of Phi(n) - rate * C_v(n + 1) on the raw measured table, n = 0
+              included, rate being the tokens per ms it decodes at (measured over recent rounds,
+              never below plain decoding's): `best_size`. Before drafting it
               checks that speculation pays: measured, once `min_samples` drafted rounds are
               known, as the time drafted rounds saved against plain rounds producing the same
               tokens (drafting goes on while the mean saving plus one standard error is >= 0);
@@ -181,6 +202,7 @@ class TreeSizer:
         # rounds saved against the plain rounds that would have produced their tokens
         self.plain_extra_ms = 0.3
         self.savings = Savings()
+        self.recent = [0.0, 0.0]  # decayed tokens and wall ms of this policy's rounds: its rate
         self.min_samples = min_samples
         self.skipped = 0
         self.chosen: list[int] = []
@@ -207,7 +229,7 @@ class TreeSizer:
         return {"method": self.method, "cap": self.cap, "overhead_ms": self.overhead_ms,
                 "acceptance": {"hits": self.calibrator.hits.tolist(), "trials": self.calibrator.trials.tolist()},
                 "expected_phi": None if self.expected_phi is None else self.expected_phi.tolist(),
-                "plain_extra_ms": self.plain_extra_ms, "savings": self.savings.sums}
+                "plain_extra_ms": self.plain_extra_ms, "savings": self.savings.sums, "recent": self.recent}
 
     def load_state(self, state: dict) -> None:
         acceptance = state.get("acceptance", {})
@@ -220,6 +242,7 @@ class TreeSizer:
         self.expected_phi = None if phi is None else np.array(phi, dtype=float)
         self.plain_extra_ms = float(state.get("plain_extra_ms", self.plain_extra_ms))
         self.savings.sums = [float(x) for x in state.get("savings", self.savings.sums)]
+        self.recent = [float(x) for x in state.get("recent", self.recent)]
 
     def _curve(self, context: int, smooth: bool, nodes: int | None = None) -> np.ndarray:
         """C_v for 1 .. nodes + 1 tokens (nodes: the cap by default)."""
@@ -246,6 +269,13 @@ class TreeSizer:
         """What a plain round costs here: the measured one-token verify plus its small extras."""
         return self.cost.verify_ms(1, context) + self.plain_extra_ms
 
+    def rate(self, context: int) -> float:
+        """Tokens per ms this policy decodes at: measured over recent rounds, at least plain
+        decoding's (a node that buys less than a plain round would in its time never pays)."""
+        tokens, ms = self.recent
+        plain = 1.0 / self.plain_round_ms(context)
+        return max(plain, tokens / ms) if ms > 0 else plain
+
     def should_draft(self, context: int) -> bool:
         if self.method != "auto" or self.expected_phi is None or self.schedule:
             return True
@@ -270,12 +300,12 @@ class TreeSizer:
         # decide HOW MANY (ranking by the noisier calibrated cells makes worse trees)
         order = pop_order(tree)
         phi = expected_gain(self.calibrator.calibrate(tree)[order.cpu().numpy()])
-        fixed = self.cost.draft_ms(context) + self.overhead_ms
         if self.schedule:
             n = min(self.schedule[len(self.chosen) % len(self.schedule)], tree.size)
         elif self.method == "auto":
-            n = best_size(phi, self._curve(context, smooth=False, nodes=tree.size), fixed)
+            n = best_size(phi, self._curve(context, smooth=False, nodes=tree.size), self.rate(context))
         else:
+            fixed = self.cost.draft_ms(context) + self.overhead_ms
             n = max(greedy_size(phi, self._curve(context, smooth=True, nodes=tree.size), fixed),
                     min(self.min_nodes, tree.size))
         self.expected_phi = phi if self.expected_phi is None else _ema_curve(self.expected_phi, phi)
@@ -300,6 +330,7 @@ class TreeSizer:
             self.cost.observe_draft(context, draft_ms)
             self.overhead_ms = 0.9 * self.overhead_ms + 0.1 * overhead_ms
         if round_ms is not None and round_ms > 0 and not self.schedule:  # exploring is not the policy
+            self.recent = [0.98 * self.recent[0] + accept_len + 1, 0.98 * self.recent[1] + round_ms]
             if self._chose:
                 self.savings.add((accept_len + 1) * self.plain_round_ms(context) - round_ms)
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from quanttree.costmodel import CostModel, CostProfile, convex_monotone_fit, violations
-from quanttree.policy import AcceptanceCalibrator, best_size, expected_gain, greedy_size, pop_order, prune
+from quanttree.policy import (AcceptanceCalibrator, best_size, expected_gain, greedy_size, pop_order, prune,
+                              throughput)
 from quanttree.tree import build_tree
 
 SIZES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
@@ -47,7 +49,8 @@ def test_greedy_equals_argmax_on_convex_inputs(seed):
     n = np.arange(1, 65)
     verify = 20 + rng.uniform(0.1, 2) * n + rng.uniform(0, 0.05) * n ** 2  # convex, increasing
     fixed = rng.uniform(0, 30)
-    assert greedy_size(phi, verify, fixed) == best_size(phi, verify, fixed)
+    rate = throughput(phi, verify, fixed).max()  # at a round's own best rate: its argmax of theta
+    assert greedy_size(phi, verify, fixed) == best_size(phi, verify, rate)
 
 
 def test_nonconvex_jump_greedy_stops_early_exact_finds_optimum():
@@ -56,15 +59,37 @@ def test_nonconvex_jump_greedy_stops_early_exact_finds_optimum():
     n = np.arange(1, phi.size + 1)
     verify = np.where(n == 1, 30.0, 75.0 + 0.5 * n)  # a kernel switch makes 2 tokens cost 2.5x one
     assert greedy_size(phi, verify, 5.0) == 0
-    best = best_size(phi, verify, 5.0)
     theta = (1 + phi) / (5.0 + verify[: phi.size])
+    best = best_size(phi, verify, theta.max())
     assert best == int(np.argmax(theta)) and best >= 6 and theta[best] > theta[0] * 1.5
 
 
 def test_worthless_speculation_picks_zero():
     phi = expected_gain(np.full(32, 0.01))
     verify = 40 + 5.0 * np.arange(1, 34)
-    assert best_size(phi, verify, 20.0) == 0
+    assert best_size(phi, verify, 1.0 / verify[0]) == 0  # at plain decoding's rate
+
+
+def test_rate_rule_maximises_tokens_per_second_over_rounds():
+    """Tokens/s over rounds that differ (a confident one, a doubtful one) is a ratio of sums.
+    Sizing each round by Phi - rate * C_v at the achieved rate, iterated from plain decoding's,
+    reaches the brute-force best pair of sizes; each round's own argmax of theta does not (it
+    verifies more nodes in the doubtful round, where its own rate is low)."""
+    rounds = (expected_gain(np.array([0.9, 0.8, 0.7, 0.6, 0.3, 0.2, 0.1, 0.05])),
+              expected_gain(np.array([0.3, 0.2, 0.15, 0.1, 0.08, 0.06, 0.05, 0.04])))
+    verify, fixed = 20.0 + np.arange(1, 10), 3.0
+
+    def rate_of(sizes):
+        return sum(1 + phi[n] for phi, n in zip(rounds, sizes)) / sum(fixed + verify[n] for n in sizes)
+
+    brute = max(itertools.product(range(9), repeat=2), key=rate_of)
+    rate = 1.0 / verify[0]
+    for _ in range(5):
+        sizes = tuple(best_size(phi, verify, rate) for phi in rounds)
+        rate = rate_of(sizes)
+    assert sizes == brute
+    own = tuple(int(np.argmax(throughput(phi, verify, fixed))) for phi in rounds)
+    assert own != brute and rate_of(own) < rate_of(brute)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -126,8 +151,9 @@ def test_calibrator_maps_each_confidence_level_separately():
                 pick -= p
         cal.update(tree, torch.tensor(path))
     rates = cal.rates()
-    assert abs(rates[0, 9] - 0.5) < 0.08  # q in [0.9, 1) at depth 1: really 0.5
-    assert abs(rates[1, 6] - 0.65) < 0.1 and abs(rates[1, 2] - 0.2) < 0.1  # depth 2: as drafted
+    at = AcceptanceCalibrator.bin
+    assert abs(rates[0, at(0.92)] - 0.5) < 0.08  # q = 0.92 at depth 1: really 0.5
+    assert abs(rates[1, at(0.65)] - 0.65) < 0.1 and abs(rates[1, at(0.2)] - 0.2) < 0.1  # depth 2: as drafted
 
 
 def test_profile_round_trip_and_online_correction(tmp_path):
