@@ -141,9 +141,9 @@ class AcceptanceCalibrator:
 
 
 class Savings:
-    """Decayed mean and standard error of the ms drafted rounds saved (negative: lost) against
-    plain rounds producing the same tokens. Every drafted round is a sample; with the decay (per
-    sample) the sums hold (1 + decay) / (1 - decay) effective samples at most."""
+    """Decayed mean and standard error of a per-round quantity (what drafted rounds saved, how
+    far acceptance fell short of the expected). With the decay (per sample) the sums hold
+    (1 + decay) / (1 - decay) effective samples at most."""
 
     def __init__(self, decay: float = 0.98):
         self.decay = decay
@@ -179,7 +179,8 @@ class TreeSizer:
               never below plain decoding's): `best_size`. Before drafting it
               checks that speculation pays: measured, once `min_samples` drafted rounds are
               known, as the time drafted rounds saved against plain rounds producing the same
-              tokens (drafting goes on while the mean saving plus one standard error is >= 0);
+              tokens (drafting goes on while the mean saving plus one standard error is >= 0;
+              see `measured_saving`);
               predicted before that (recent rounds' expected gain on the measured curve beats
               plain decoding). When it does not pay it decodes plainly, probing with a drafted
               round after `probe_every` plain rounds, the interval doubling (to
@@ -198,10 +199,13 @@ class TreeSizer:
         self.overhead_ms = cost.profile.overhead_ms
         self.probe_every, self.min_nodes = probe_every, min_nodes
         self.base_probe_every, self.max_probe_every = probe_every, max_probe_every
-        # measured: ms a plain round spends outside its verify forward (EMA), and what drafted
-        # rounds saved against the plain rounds that would have produced their tokens
+        # measured: ms a plain round spends outside its verify forward (EMA); what drafted rounds
+        # saved against plain rounds producing their expected tokens (recent rounds), and the
+        # accepted minus expected tokens (a long window: the calibrated surrogate's bias)
         self.plain_extra_ms = 0.3
         self.savings = Savings()
+        self.shortfall = Savings(decay=0.998)
+        self._expected = 0.0
         self.recent = [0.0, 0.0]  # decayed tokens and wall ms of this policy's rounds: its rate
         self.min_samples = min_samples
         self.skipped = 0
@@ -229,7 +233,8 @@ class TreeSizer:
         return {"method": self.method, "cap": self.cap, "overhead_ms": self.overhead_ms,
                 "acceptance": {"hits": self.calibrator.hits.tolist(), "trials": self.calibrator.trials.tolist()},
                 "expected_phi": None if self.expected_phi is None else self.expected_phi.tolist(),
-                "plain_extra_ms": self.plain_extra_ms, "savings": self.savings.sums, "recent": self.recent}
+                "plain_extra_ms": self.plain_extra_ms, "savings": self.savings.sums, "shortfall": self.shortfall.sums,
+                "recent": self.recent}
 
     def load_state(self, state: dict) -> None:
         acceptance = state.get("acceptance", {})
@@ -242,6 +247,7 @@ class TreeSizer:
         self.expected_phi = None if phi is None else np.array(phi, dtype=float)
         self.plain_extra_ms = float(state.get("plain_extra_ms", self.plain_extra_ms))
         self.savings.sums = [float(x) for x in state.get("savings", self.savings.sums)]
+        self.shortfall.sums = [float(x) for x in state.get("shortfall", self.shortfall.sums)]
         self.recent = [float(x) for x in state.get("recent", self.recent)]
 
     def _curve(self, context: int, smooth: bool, nodes: int | None = None) -> np.ndarray:
@@ -257,12 +263,28 @@ class TreeSizer:
         fixed = self.cost.draft_ms(context) + self.overhead_ms
         return throughput(self.expected_phi, verify, fixed)[1:].max(initial=0.0) > 1.0 / verify[0]
 
+    def measured_saving(self, context: int) -> tuple[float, float]:
+        """Mean and standard error of the ms a drafted round saves against plain rounds.
+
+        A round's realised saving, (1 + accepted) * plain - wall, swings by a plain round per
+        token accepted or not (SD ~15 ms where the mean is ~2 ms): too noisy to decide on. So
+        each round's sample uses its calibrated expected tokens instead, (1 + expected) * plain -
+        wall, and the accepted-minus-expected tokens, a zero-mean control variate when the
+        calibration is right, are averaged over a long window and added back: the estimate stays
+        unbiased (the surrogate's bias is measured, not trusted) at a fraction of the variance."""
+        plain = self.plain_round_ms(context)
+        mean, se = self.savings.mean_se()
+        if self.shortfall.count() == 0:
+            return mean, se
+        bias, bias_se = self.shortfall.mean_se()
+        return mean + plain * bias, (se * se + (plain * bias_se) ** 2) ** 0.5
+
     def speculation_pays(self, context: int) -> bool:
         """Measured drafted rounds save time (optimistically: mean + one standard error >= 0);
         the prediction decides until enough drafted rounds are measured."""
         if self.savings.count() < self.min_samples:
             return self.predicted_pays(context)
-        mean, se = self.savings.mean_se()
+        mean, se = self.measured_saving(context)
         return mean + se >= 0.0
 
     def plain_round_ms(self, context: int) -> float:
@@ -313,7 +335,8 @@ class TreeSizer:
         recent = max(self.chosen[-16:], default=0)
         self._build = min(self.cap, max(8, 2 * recent))
         self.predicted_raw.append(float(tree.scores[order[:n]].exp().sum()))
-        self.predicted.append(float(phi[min(n, phi.size - 1)]))
+        self._expected = float(phi[min(n, phi.size - 1)])
+        self.predicted.append(self._expected)
         self._chose = True
         return prune(tree, n)
 
@@ -332,7 +355,8 @@ class TreeSizer:
         if round_ms is not None and round_ms > 0 and not self.schedule:  # exploring is not the policy
             self.recent = [0.98 * self.recent[0] + accept_len + 1, 0.98 * self.recent[1] + round_ms]
             if self._chose:
-                self.savings.add((accept_len + 1) * self.plain_round_ms(context) - round_ms)
+                self.savings.add((1 + self._expected) * self.plain_round_ms(context) - round_ms)
+                self.shortfall.add(accept_len - self._expected)
             else:
                 self.plain_extra_ms = 0.9 * self.plain_extra_ms + 0.1 * max(round_ms - verify_ms, 0.0)
         self._chose = False
