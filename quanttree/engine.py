@@ -29,7 +29,7 @@ WARMUP_PROMPTS = ("Write a Python function that merges two sorted lists into one
                   "Give three tips for keeping houseplants alive in winter.",
                   "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
 WARMUP_TOKENS = 48
-LEARNED_VERSION = 7  # the layout of the learned state saved beside a profile; another one is relearned
+LEARNED_VERSION = 8  # the layout of the learned state saved beside a profile; another one is relearned
 
 
 @dataclass

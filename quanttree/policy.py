@@ -199,10 +199,10 @@ class TreeSizer:
         self.overhead_ms = cost.profile.overhead_ms
         self.probe_every, self.min_nodes = probe_every, min_nodes
         self.base_probe_every, self.max_probe_every = probe_every, max_probe_every
-        # measured: ms a plain round spends outside its verify forward (EMA); what drafted rounds
+        # measured: a plain round's wall time over the profiled one-token verify (EMA); what drafted rounds
         # saved against plain rounds producing their expected tokens (recent rounds), and the
         # accepted minus expected tokens (a long window: the calibrated surrogate's bias)
-        self.plain_extra_ms = 0.3
+        self.plain_ratio: float | None = None
         self.savings = Savings()
         self.shortfall = Savings(decay=0.998)
         self._expected = 0.0
@@ -233,7 +233,7 @@ class TreeSizer:
         return {"method": self.method, "cap": self.cap, "overhead_ms": self.overhead_ms,
                 "acceptance": {"hits": self.calibrator.hits.tolist(), "trials": self.calibrator.trials.tolist()},
                 "expected_phi": None if self.expected_phi is None else self.expected_phi.tolist(),
-                "plain_extra_ms": self.plain_extra_ms, "savings": self.savings.sums, "shortfall": self.shortfall.sums,
+                "plain_ratio": self.plain_ratio, "savings": self.savings.sums, "shortfall": self.shortfall.sums,
                 "recent": self.recent}
 
     def load_state(self, state: dict) -> None:
@@ -245,7 +245,7 @@ class TreeSizer:
         self.overhead_ms = float(state["overhead_ms"])
         phi = state.get("expected_phi")
         self.expected_phi = None if phi is None else np.array(phi, dtype=float)
-        self.plain_extra_ms = float(state.get("plain_extra_ms", self.plain_extra_ms))
+        self.plain_ratio = state.get("plain_ratio")
         self.savings.sums = [float(x) for x in state.get("savings", self.savings.sums)]
         self.shortfall.sums = [float(x) for x in state.get("shortfall", self.shortfall.sums)]
         self.recent = [float(x) for x in state.get("recent", self.recent)]
@@ -288,8 +288,14 @@ class TreeSizer:
         return mean + se >= 0.0
 
     def plain_round_ms(self, context: int) -> float:
-        """What a plain round costs here: the measured one-token verify plus its small extras."""
-        return self.cost.verify_ms(1, context) + self.plain_extra_ms
+        """What a plain round costs here, wall time: the profiled one-token verify times what
+        plain rounds measured over it. Plain rounds keep their own ratio: the cost model's drift
+        is learned mostly from drafted rounds, whose verify runs after the drafter (colder
+        caches), and a policy that drafts nearly every round would otherwise price plain rounds
+        at that (bf16: 25 ms against 21.8 measured), overstating what drafting saves."""
+        if self.plain_ratio is None:
+            return self.cost.verify_ms(1, context) + 0.3  # nothing measured yet: the verify, small extras
+        return self.cost.profiled_ms(1, context) * self.plain_ratio
 
     def rate(self, context: int) -> float:
         """Tokens per ms this policy decodes at: measured over recent rounds, at least plain
@@ -299,7 +305,12 @@ class TreeSizer:
         return max(plain, tokens / ms) if ms > 0 else plain
 
     def should_draft(self, context: int) -> bool:
-        if self.method != "auto" or self.expected_phi is None or self.schedule:
+        if self.schedule:  # exploring: a size of 0 is a plain round (no drafter), measured as one
+            if self.schedule[len(self.chosen) % len(self.schedule)] > 0:
+                return True
+            self.chosen.append(0)
+            return False
+        if self.method != "auto" or self.expected_phi is None:
             return True
         if 0 < self.skipped < self.probe_every:  # inside a plain streak: no evaluation at all
             self.skipped += 1
@@ -352,13 +363,15 @@ class TreeSizer:
             self.observed.append(accept_len)
             self.cost.observe_draft(context, draft_ms)
             self.overhead_ms = 0.9 * self.overhead_ms + 0.1 * overhead_ms
-        if round_ms is not None and round_ms > 0 and not self.schedule:  # exploring is not the policy
-            self.recent = [0.98 * self.recent[0] + accept_len + 1, 0.98 * self.recent[1] + round_ms]
-            if self._chose:
-                self.savings.add((1 + self._expected) * self.plain_round_ms(context) - round_ms)
-                self.shortfall.add(accept_len - self._expected)
-            else:
-                self.plain_extra_ms = 0.9 * self.plain_extra_ms + 0.1 * max(round_ms - verify_ms, 0.0)
+        if round_ms is not None and round_ms > 0:
+            if not self._chose:  # a plain round, the warm-up's too
+                ratio = round_ms / float(self.cost.profiled_ms(1, context))
+                self.plain_ratio = ratio if self.plain_ratio is None else 0.9 * self.plain_ratio + 0.1 * ratio
+            if not self.schedule:  # exploring is not the policy
+                self.recent = [0.98 * self.recent[0] + accept_len + 1, 0.98 * self.recent[1] + round_ms]
+                if self._chose:
+                    self.savings.add((1 + self._expected) * self.plain_round_ms(context) - round_ms)
+                    self.shortfall.add(accept_len - self._expected)
         self._chose = False
 
 
