@@ -199,6 +199,8 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
     second = DraftContext(vp_drafter, target) if layers and cfg.method == "d2sd" and vp_drafter else None
     cache = kvcache.new_target_cache(target.model)
 
+    if sizer is not None:
+        sizer.start_sequence()
     # prefill: the prompt, then the first token (it becomes the first root)
     t0 = clock()
     ids = torch.tensor([prompt_ids], device=device)

@@ -184,7 +184,7 @@ class TreeSizer:
               predicted before that (recent rounds' expected gain on the measured curve beats
               plain decoding). When it does not pay it decodes plainly, probing with a drafted
               round after `probe_every` plain rounds, the interval doubling (to
-              `max_probe_every`) while the answer stays no.
+              `max_probe_every`) while the answer stays no, and at a new prompt.
 
     `explore(sizes)` makes any method draft every round and verify the given node counts in turn
     (the calibration warm-up: in-situ verify costs at every size, and acceptance statistics).
@@ -203,7 +203,7 @@ class TreeSizer:
         # saved against plain rounds producing their expected tokens (recent rounds), and the
         # accepted minus expected tokens (a long window: the calibrated surrogate's bias)
         self.plain_ratio: float | None = None
-        self.savings = Savings()
+        self.savings = Savings(decay=0.8)  # ~9 rounds: the text decoded now (code, chat) decides
         self.shortfall = Savings(decay=0.998)
         self._expected = 0.0
         self.recent = [0.0, 0.0]  # decayed tokens and wall ms of this policy's rounds: its rate
@@ -303,6 +303,12 @@ class TreeSizer:
         tokens, ms = self.recent
         plain = 1.0 / self.plain_round_ms(context)
         return max(plain, tokens / ms) if ms > 0 else plain
+
+    def start_sequence(self) -> None:
+        """A new prompt: inside a plain streak, its first round probes (a new text can be one the
+        drafter is good at: code after chat)."""
+        if self.skipped:
+            self.skipped = self.probe_every
 
     def should_draft(self, context: int) -> bool:
         if self.schedule:  # exploring: a size of 0 is a plain round (no drafter), measured as one

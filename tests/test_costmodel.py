@@ -208,7 +208,7 @@ def test_auto_trusts_measured_rounds_over_the_surrogate_and_backs_off_probes():
         assert sizer.should_draft(128)
         drafted_round([0], 40.0)
     mean, se = sizer.measured_saving(128)  # measured: the surrogate's promise does not count
-    assert mean == pytest.approx(21.3 - 40.0, abs=0.5) and mean + se < 0  # plain: 21 ms + extras
+    assert mean < 21.3 - 40.0 + 0.5 and mean + se < 0  # lost: a plain round (21 ms + extras) takes 40
     pattern = [sizer.should_draft(128) for _ in range(26)]
     assert pattern[:9] == [False] * 8 + [True]  # measured to lose: a plain streak, then one probe
     assert pattern[9:26] == [False] * 16 + [True]  # still no: the next streak is twice as long
