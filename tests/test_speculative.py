@@ -60,6 +60,25 @@ def test_drafter_that_does_not_fit_is_refused(tiny_dirs, tokenizer, tmp_path):
 # ---------------------------------------------------------------- KV compaction
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_features_are_the_chosen_hidden_states(tiny_dirs, kind):
+    """Target.forward's features (forward hooks on the chosen layers only) equal transformers'
+    hidden_states[i + 1], the last layer's included (taken after the final norm)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[kind]).eval()
+    target = Target(model)
+    layers = (0, target.num_layers - 1)
+    ids = torch.tensor([[5, 17, 42, 9]])
+    out = target.forward(ids, torch.arange(4)[None], kvcache.new_target_cache(model), feature_layers=layers)
+    with torch.inference_mode():
+        reference = model(input_ids=ids, output_hidden_states=True).hidden_states
+    expected = torch.cat([reference[i + 1][0] for i in layers], dim=-1)
+    torch.testing.assert_close(out.features, expected, rtol=0, atol=0)
+    plain = target.forward(ids[:, :1], torch.zeros(1, 1, dtype=torch.long), kvcache.new_target_cache(model))
+    assert plain.features is None
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_compacted_cache_equals_recompute(tiny_dirs, kind):
     engine = quanttree.load(str(tiny_dirs[kind]), quant="fp32", device="cpu")
     target = engine.target
