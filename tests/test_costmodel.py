@@ -219,6 +219,10 @@ def test_auto_trusts_measured_rounds_over_the_surrogate_and_backs_off_probes():
         drafted_round([0, 1, 2, 3], 30.0)
     assert sizer.savings.mean_se()[0] > 0
     assert all(sizer.should_draft(128) for _ in range(5)) and sizer.probe_every == 8
+    sizer.skipped, sizer.probe_every = 1, 32  # inside a long plain streak
+    assert not sizer.should_draft(128)
+    sizer.start_sequence()  # a new prompt ends the streak: its first round probes
+    assert sizer.should_draft(128)
 
 
 def test_savings_mean_and_standard_error():
