@@ -271,7 +271,10 @@ class TreeSizer:
         each round's sample uses its calibrated expected tokens instead, (1 + expected) * plain -
         wall, and the accepted-minus-expected tokens, a zero-mean control variate when the
         calibration is right, are averaged over a long window and added back: the estimate stays
-        unbiased (the surrogate's bias is measured, not trusted) at a fraction of the variance."""
+        unbiased (the surrogate's bias is measured, not trusted) at a fraction of the variance.
+        The price: what the drafter's own confidence shows (a prompt it is bad at) counts at
+        once, but a drafter that turns confidently wrong counts only as fast as the long window
+        and the calibration map learn it (tens of rounds)."""
         plain = self.plain_round_ms(context)
         mean, se = self.savings.mean_se()
         if self.shortfall.count() == 0:
