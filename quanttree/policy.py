@@ -267,7 +267,7 @@ class TreeSizer:
         """Mean and standard error of the ms a drafted round saves against plain rounds.
 
         A round's realised saving, (1 + accepted) * plain - wall, swings by a plain round per
-        token accepted or not (SD ~15 ms where the mean is ~2 ms): too noisy to decide on. So
+        token accepted or not (SD 10-15 ms where the mean is ~2 ms; 1.5-4 ms this way): too noisy to decide on. So
         each round's sample uses its calibrated expected tokens instead, (1 + expected) * plain -
         wall, and the accepted-minus-expected tokens, a zero-mean control variate when the
         calibration is right, are averaged over a long window and added back: the estimate stays
