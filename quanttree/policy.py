@@ -267,11 +267,12 @@ class TreeSizer:
         """Mean and standard error of the ms a drafted round saves against plain rounds.
 
         A round's realised saving, (1 + accepted) * plain - wall, swings by a plain round per
-        token accepted or not (SD 10-15 ms where the mean is ~2 ms; 1.5-4 ms this way): too noisy to decide on. So
+        token accepted or not (SD 10-15 ms where the mean is ~2 ms): too noisy to decide on. So
         each round's sample uses its calibrated expected tokens instead, (1 + expected) * plain -
         wall, and the accepted-minus-expected tokens, a zero-mean control variate when the
         calibration is right, are averaged over a long window and added back: the estimate stays
-        unbiased (the surrogate's bias is measured, not trusted) at a fraction of the variance.
+        unbiased (the surrogate's bias is measured, not trusted) at a fraction of the variance
+        (per-round SD 1.5-4 ms).
         The price: what the drafter's own confidence shows (a prompt it is bad at) counts at
         once, but a drafter that turns confidently wrong counts only as fast as the long window
         and the calibration map learn it (tens of rounds)."""
