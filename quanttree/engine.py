@@ -29,7 +29,7 @@ WARMUP_PROMPTS = ("Write a Python function that merges two sorted lists into one
                   "Give three tips for keeping houseplants alive in winter.",
                   "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
 WARMUP_TOKENS = 48
-LEARNED_VERSION = 8  # the layout of the learned state saved beside a profile; another one is relearned
+LEARNED_VERSION = 9  # the layout of the learned state saved beside a profile; another one is relearned
 
 
 @dataclass
@@ -180,7 +180,9 @@ class Engine:
         sizer.explore([n - 1 for n in self._cost.profile.sizes if n - 1 <= DEFAULT_CAP])
         try:
             for prompt in tqdm(WARMUP_PROMPTS, desc="calibrating acceptance", unit="prompt", disable=not progress):
-                for _ in self.stream(prompt, method="auto", max_new_tokens=WARMUP_TOKENS, chat=False):
+                # as users prompt (chat template when known): a drafter trained on chat answers is
+                # calibrated very differently on raw completions
+                for _ in self.stream(prompt, method="auto", max_new_tokens=WARMUP_TOKENS):
                     pass
         finally:
             sizer.explore([])
