@@ -83,9 +83,9 @@ class AcceptanceCalibrator:
     depth group (1, 2, 3, 4+) and per bin of q; a calibrated path probability is the product
     of the mapped rates along the path. The bins are finer at low q, where a weak drafter's
     nodes live (a tree's tail is nodes of q = 0.01-0.1, and one bin for all of them flattens
-    its ranks: the 5th and the 16th node were predicted the same). Binning by q lets over- and underconfidence differ by
-    confidence level, which one factor per depth cannot (and a cost-aware policy keeps exactly
-    the confident nodes, so their level is the one that matters).
+    its ranks: the 5th and the 16th node were predicted the same). Binning by q lets over- and
+    underconfidence differ by confidence level, which one factor per depth cannot (and a
+    cost-aware policy keeps exactly the confident nodes, so their level is the one that matters).
     Counts decay every round (the map follows drift); each cell starts at its own q (identity)
     with the weight of `prior` observations."""
 
@@ -199,9 +199,9 @@ class TreeSizer:
         self.overhead_ms = cost.profile.overhead_ms
         self.probe_every, self.min_nodes = probe_every, min_nodes
         self.base_probe_every, self.max_probe_every = probe_every, max_probe_every
-        # measured: a plain round's wall time over the profiled one-token verify (EMA); what drafted rounds
-        # saved against plain rounds producing their expected tokens (recent rounds), and the
-        # accepted minus expected tokens (a long window: the calibrated surrogate's bias)
+        # measured: a plain round's wall time over the profiled one-token verify (EMA); what
+        # drafted rounds saved against plain rounds producing their expected tokens (recent
+        # rounds); the accepted minus expected tokens (a long window: the surrogate's bias)
         self.plain_ratio: float | None = None
         self.savings = Savings(decay=0.8)  # ~9 rounds: the text decoded now (code, chat) decides
         self.shortfall = Savings(decay=0.998)
