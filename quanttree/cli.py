@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quant", default="auto", choices=QUANT_MODES, help="target mode for data and features")
     train.add_argument("--out", required=True, help="directory for the exported drafter")
     train.add_argument("--work", default=None, help="data, checkpoints and logs (default: under the cache dir)")
-    train.add_argument("--stage", default="all", choices=("data", "train", "all"))
+    train.add_argument("--stage", default="all", choices=("data", "features", "train", "all"),
+                       help="data: target responses; features: cache target features + soft labels; train")
     train.add_argument("--tokens", type=int, default=2_000_000, help="response tokens to generate")
     train.add_argument("--batch-size", type=int, default=32, help="generation batch size")
     train.add_argument("--max-new-tokens", type=int, default=256, help="response length cap for data")
@@ -85,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seqs-per-step", type=int, default=4)
     train.add_argument("--lr", type=float, default=6e-4)
     train.add_argument("--gamma", type=float, default=7.0, help="slot weight decay exp(-(k-1)/gamma)")
+    train.add_argument("--feature-layers", default=None, type=layer_ids,
+                       help="comma-separated target layer ids feeding the drafter (default: DFlash's spread rule)")
+    train.add_argument("--distill", type=float, default=0.0,
+                       help="weight of the distillation loss to the target's top-k distribution (0 = hard labels)")
+    train.add_argument("--init", default="target", choices=("target", "random"),
+                       help="drafter layers start as copies of the target's last layers, or random")
     train.add_argument("--variable-prefix", action="store_true", help="train D2SD's variable-prefix drafter")
     train.add_argument("--init-from", default=None,
                        help="start from this drafter dir (e.g. the DFlash drafter when training a VP one); "
@@ -159,17 +166,21 @@ def cmd_train_drafter(args) -> int:
     if args.stage in ("data", "all"):
         gen = GenConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
         run_data_stage(engine, paths, args.tokens, gen)
-    if args.stage in ("train", "all"):
-        from .train.pipeline import run_train_stage
+    if args.stage in ("features", "train", "all"):
         from .drafter import resolve_drafter_dir
+        from .train.pipeline import run_features_stage, run_train_stage, training_layers
         from .train.trainer import TrainConfig
 
         cfg = TrainConfig(num_layers=args.layers, block_size=args.block_size, draft_vocab=args.draft_vocab,
                           anchors=args.anchors, seqs_per_step=args.seqs_per_step, steps=args.steps, lr=args.lr,
-                          gamma=args.gamma, variable_prefix=args.variable_prefix,
+                          gamma=args.gamma, variable_prefix=args.variable_prefix, distill=args.distill,
+                          init=args.init, feature_layers=args.feature_layers,
                           init_from=str(resolve_drafter_dir(args.init_from)) if args.init_from else None)
-        name = "checkpoints-vp" if args.variable_prefix else "checkpoints"
-        run_train_stage(engine, paths, cfg, Path(args.out), args.minutes, name)
+        if args.stage == "features":
+            run_features_stage(engine, paths, training_layers(engine.target, cfg))
+        else:
+            name = "checkpoints-vp" if args.variable_prefix else "checkpoints"
+            run_train_stage(engine, paths, cfg, Path(args.out), args.minutes, name)
     return 0
 
 
@@ -244,6 +255,19 @@ def cmd_app(args) -> int:
 
 COMMANDS = {"app": cmd_app, "bench": cmd_bench, "generate": cmd_generate, "info": cmd_info, "train-drafter": cmd_train_drafter,
             "calibrate": cmd_calibrate}
+
+
+def layer_ids(text: str) -> tuple[int, ...]:
+    """argparse type for --feature-layers: "1,10,18,29" -> (1, 10, 18, 29)."""
+    import argparse
+
+    try:
+        ids = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer ids like 1,10,18,29, got {text!r}")
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"layer ids must be >= 0, got {text!r}")
+    return ids
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,3 +87,13 @@ class Target:
         if feature_layers:
             features = torch.cat([self._captured.pop(i)[0].to(self.device) for i in feature_layers], dim=-1)
         return TargetOutput(logits=out.logits[0], features=features)
+
+    @torch.inference_mode()
+    def hidden_and_logits(self, input_ids: torch.Tensor, feature_layers: tuple[int, ...]):
+        """A cache-free batched forward over [b, n] ids at positions 0..n-1 (training data):
+        logits [b, n, V] and the chosen layers' outputs concatenated [b, n, k*H]."""
+        self._capture(feature_layers)
+        ids = input_ids.to(self.device)
+        out = self.model(input_ids=ids, use_cache=False)
+        features = torch.cat([self._captured.pop(i).to(self.device) for i in feature_layers], dim=-1)
+        return out.logits, features

@@ -12,9 +12,9 @@ import torch
 
 import quanttree
 from quanttree.train.datagen import GenConfig, load_shards
-from quanttree.train.pipeline import TrainPaths, run_data_stage, run_train_stage
+from quanttree.train.pipeline import TrainPaths, run_data_stage, run_features_stage, run_train_stage
 from quanttree.train.prompts import build_pool
-from quanttree.train.trainer import TrainConfig, Trainer, block_inputs, training_mask
+from quanttree.train.trainer import TrainConfig, Trainer, block_context_mask, block_inputs
 
 from helpers import make_tiny_target
 
@@ -56,11 +56,11 @@ def test_block_inputs_and_mask():
     vp_ids, vp_labels, _ = block_inputs(tokens, anchors, 4, torch.tensor([2, 0]))
     assert vp_ids.tolist() == [[103, 104, 105, -1], [110, -1, -1, -1]]
     assert vp_labels.tolist() == [[-100, -100, -100, 106], [-100, 111, 112, 113]]
-    mask = training_mask(anchors, 20, 4)
-    assert mask.shape == (8, 28)
-    assert mask[0, :3].all() and not mask[0, 3:20].any()  # context strictly before the anchor
-    assert mask[4, :10].all() and not mask[4, 10:20].any()
-    assert mask[1, 20:24].all() and not mask[1, 24:28].any()  # own block only, bidirectional
+    mask = block_context_mask(anchors, 20, 4)
+    assert mask.shape == (2, 1, 4, 24)
+    assert mask[0, 0, :, :3].all() and not mask[0, 0, :, 3:20].any()  # context strictly before the anchor
+    assert mask[1, 0, :, :10].all() and not mask[1, 0, :, 10:20].any()
+    assert mask[:, 0, :, 20:].all()  # own block, bidirectional (blocks are a batch: never each other)
 
 
 def test_train_drafter_end_to_end_and_resume(tiny_chat_engine, tmp_path):
@@ -72,24 +72,28 @@ def test_train_drafter_end_to_end_and_resume(tiny_chat_engine, tmp_path):
     assert run_data_stage(tiny_chat_engine, paths, token_goal=300, gen_cfg=GenConfig(
         max_new_tokens=12, batch_size=8, chunk=16)) == pool_tokens
     cfg = TrainConfig(num_layers=1, block_size=4, num_features=2, draft_vocab=512, anchors=6, seqs_per_step=2,
-                      steps=6, ckpt_every=3, eval_every=3, eval_seqs=4)
-    sequences = load_shards(paths.data)
-    for i, seq in enumerate(sequences):  # make sure a held-out split exists for the tiny run
-        sequences[i] = (seq[0], seq[1], i * 25)
-    first = Trainer(tiny_chat_engine.target, sequences, cfg, paths.checkpoints, log=lambda *_: None)
-    first.train(minutes=None)
-    assert first.step == 6
-    # resume: a new trainer continues from the checkpoint, with identical weights
+                      steps=6, ckpt_every=3, eval_every=3, eval_seqs=4, distill=0.5)
+    cache = run_features_stage(tiny_chat_engine, paths, (1, 3))
     cfg2 = TrainConfig(**{**cfg.__dict__, "steps": 8})
-    second = Trainer(tiny_chat_engine.target, sequences, cfg2, paths.checkpoints, log=lambda *_: None)
+    first = Trainer(tiny_chat_engine.target, cache, cfg2, paths.checkpoints, log=lambda *_: None)
+    first.train(stop_at=6)  # as if killed after the checkpoint at step 6
+    assert first.step == 6
+    # resume: a new trainer continues from the checkpoint, with identical weights, at the same
+    # step and with the same data order as an uninterrupted run
+    second = Trainer(tiny_chat_engine.target, cache, cfg2, paths.checkpoints, log=lambda *_: None)
     assert second.resume() and second.step == 6
     for (n, a), (_, b) in zip(first.drafter.state_dict().items(), second.drafter.state_dict().items()):
         assert torch.equal(a, b), n
     assert second.opt.state  # optimizer moments restored
     second.train()
     assert second.step == 8
+    straight = Trainer(tiny_chat_engine.target, cache, cfg2, tmp_path / "straight", log=lambda *_: None)
+    straight.train()
+    for (n, a), (_, b) in zip(straight.drafter.state_dict().items(), second.drafter.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-5), n
     report = second.evaluate()
     assert report["chain_tau"] >= 1.0 and len(report["observed_accept_by_depth"]) == 3
+    assert {"slot1", "bigram_slot1", "trigram_slot1", "lookup_slot1"} <= set(report)
     out = second.export(tmp_path / "drafter")
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["DFlashDraftModel"] and config["block_size"] == 4
@@ -116,14 +120,14 @@ def test_variable_prefix_training_makes_a_usable_vp_drafter(tiny_chat_engine, tm
     paths = TrainPaths(tmp_path / "work")
     run_data_stage(tiny_chat_engine, paths, token_goal=200, gen_cfg=GenConfig(max_new_tokens=12, batch_size=8,
                                                                               chunk=16))
-    sequences = [(s[0], s[1], i * 25) for i, s in enumerate(load_shards(paths.data))]
+    cache = run_features_stage(tiny_chat_engine, paths, (1, 3))
     base = dict(num_layers=1, block_size=4, num_features=2, draft_vocab=512, anchors=6, seqs_per_step=2, steps=3,
                 ckpt_every=3, eval_every=3, eval_seqs=4)
-    dflash = Trainer(tiny_chat_engine.target, sequences, TrainConfig(**base), tmp_path / "c1", log=lambda *_: None)
+    dflash = Trainer(tiny_chat_engine.target, cache, TrainConfig(**base), tmp_path / "c1", log=lambda *_: None)
     dflash.train()
     a = dflash.export(tmp_path / "d")
     # the VP drafter starts from the DFlash drafter: same weights and draft vocabulary at step 0
-    vp = Trainer(tiny_chat_engine.target, sequences, TrainConfig(**{**base, "draft_vocab": 0}, variable_prefix=True,
+    vp = Trainer(tiny_chat_engine.target, cache, TrainConfig(**{**base, "draft_vocab": 0}, variable_prefix=True,
                                                                  init_from=str(a)), tmp_path / "c2",
                  log=lambda *_: None)
     assert torch.equal(vp.vocab, dflash.vocab)

@@ -76,21 +76,59 @@ def run_data_stage(engine, paths: TrainPaths, token_goal: int, gen_cfg=None, see
                             engine.eos_token_ids, token_goal, log)
 
 
-def run_train_stage(engine, paths: TrainPaths, cfg, out: Path, minutes: float | None = None,
-                    checkpoints: str = "checkpoints") -> Path:
-    """Train (resuming from the last checkpoint) and export the drafter to `out`."""
-    from .datagen import load_shards
-    from .trainer import Trainer
+def training_layers(target, cfg) -> tuple[int, ...]:
+    """The target layers a drafter trained with `cfg` reads (what the feature cache must hold)."""
+    import json as _json
 
+    from ..drafter import default_target_layer_ids
+
+    if cfg.init_from:
+        return tuple(_json.loads((Path(cfg.init_from) / "config.json").read_text())["dflash_config"]
+                     ["target_layer_ids"])
+    if cfg.feature_layers:
+        return tuple(cfg.feature_layers)
+    return default_target_layer_ids(target.num_layers, cfg.num_features)
+
+
+def run_features_stage(engine, paths: TrainPaths, layers: tuple[int, ...], top_k: int = 32):
+    """Target features + top-k soft labels of every training sequence, cached once (resumable).
+    A finished cache that holds these layers (and maybe more) is reused as it is."""
+    from .datagen import load_shards
+    from .features import build_cache, open_cache
+
+    where = paths.work / "features"
+    if (where / "meta.json").exists():
+        cache = open_cache(where)
+        if len(cache) == len(cache.pool_index) and set(layers) <= set(cache.layers):
+            return cache
+        layers = tuple(cache.layers) if set(layers) <= set(cache.layers) else tuple(layers)
     sequences = load_shards(paths.data)
     if not sequences:
         raise QuanttreeError(f"no training data in {paths.data}: run `quanttree train-drafter --stage data` first")
+    identity = {"target": engine.loaded.source, "quant": engine.quant}
+    try:
+        return build_cache(engine.target, sequences, where, tuple(layers), top_k, identity, log=logger(paths))
+    except ValueError as exc:
+        raise QuanttreeError(str(exc)) from exc
+
+
+def run_train_stage(engine, paths: TrainPaths, cfg, out: Path, minutes: float | None = None,
+                    checkpoints: str = "checkpoints") -> Path:
+    """Train (resuming from the last checkpoint) on the cached features and export the drafter to `out`."""
+    from .trainer import Trainer
+
+    if not any(paths.data.glob("shard-*.npz")) and not (paths.work / "features" / "meta.json").exists():
+        raise QuanttreeError(f"no training data in {paths.data}: run `quanttree train-drafter --stage data` first")
+    cache = run_features_stage(engine, paths, training_layers(engine.target, cfg))
     log = logger(paths)
-    log(f"train: {len(sequences)} sequences from {paths.data}")
-    trainer = Trainer(engine.target, sequences, cfg, paths.work / checkpoints, log, engine.eos_token_ids)
+    log(f"train: {len(cache)} sequences, features of target layers {list(cache.layers)}")
+    try:
+        trainer = Trainer(engine.target, cache, cfg, paths.work / checkpoints, log, engine.eos_token_ids)
+    except ValueError as exc:
+        raise QuanttreeError(str(exc)) from exc
     trainer.train(minutes)
     exported = trainer.export(out)
     (Path(out) / "training.json").write_text(json.dumps(
-        {"step": trainer.step, "sequences": len(sequences), "last_eval": trainer.evaluate()}, indent=2))
+        {"step": trainer.step, "sequences": len(cache), "last_eval": trainer.evaluate()}, indent=2))
     log(f"exported drafter at step {trainer.step} to {out}")
     return exported

@@ -11,23 +11,26 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..drafter import (DFlashDrafter, check_fits_target, random_drafter_config, read_draft_vocab, read_drafter,
-                       rope_tables, save_drafter)
+from ..drafter import (DFlashDrafter, check_fits_target, init_random, random_drafter_config, read_draft_vocab,
+                       read_drafter, rope_tables, save_drafter)
 from ..target import Target
+from .baselines import slot1_baselines
+from .features import FeatureCache
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     num_layers: int = 2
     block_size: int = 16
-    num_features: int = 4  # target layers whose hidden states feed the drafter
+    num_features: int = 4  # target layers whose hidden states feed the drafter (DFlash's spread rule)
+    feature_layers: tuple[int, ...] | None = None  # explicit target layer ids (overrides num_features)
     draft_vocab: int = 8192  # frequency-ranked draft vocabulary (0 = the whole target vocabulary)
     anchors: int = 64  # blocks per sequence
     seqs_per_step: int = 4
@@ -36,9 +39,12 @@ class TrainConfig:
     warmup: float = 0.04
     weight_decay: float = 0.01
     gamma: float = 7.0
+    distill: float = 0.0  # weight of the soft-label loss (target's top-k distribution); 1 - distill on hard labels
+    init: str = "target"  # "target": copies of the target's last layers; "random"
     max_seq_len: int = 640
     ckpt_every: int = 50
     eval_every: int = 200
+    eval_minutes: float = 0.0  # also evaluate after this much training time (0 = by steps only)
     eval_seqs: int = 48
     seed: int = 0
     variable_prefix: bool = False
@@ -49,18 +55,18 @@ class TrainConfig:
 
 # ---------------------------------------------------------------- data
 
-def split(sequences, heldout_every: int = 50):
-    """Held-out = every 50th pool prompt, so the split is stable as data grows."""
-    train = [s for s in sequences if s[2] % heldout_every]
-    held = [s for s in sequences if s[2] % heldout_every == 0]
+def split_indices(pool_index, heldout_every: int = 50) -> tuple[list[int], list[int]]:
+    """Held-out = every 50th pool prompt, so the split is stable as data grows. -> (train, held) rows"""
+    train = [i for i, p in enumerate(pool_index) if int(p) % heldout_every]
+    held = [i for i, p in enumerate(pool_index) if int(p) % heldout_every == 0]
     return train, held
 
 
-def draft_vocabulary(sequences, size: int, vocab_size: int, always: frozenset[int]) -> torch.Tensor:
+def draft_vocabulary(responses: list[np.ndarray], size: int, vocab_size: int, always: frozenset[int]) -> torch.Tensor:
     """The `size` most frequent response tokens (plus `always`), ascending ids. [N] long"""
     counts = np.zeros(vocab_size, dtype=np.int64)
-    for tokens, plen, _ in sequences:
-        np.add.at(counts, tokens[plen:], 1)
+    for tokens in responses:
+        np.add.at(counts, tokens, 1)
     for t in always:
         counts[t] = counts.max() + 1
     top = np.argsort(-counts, kind="stable")[:size]
@@ -92,12 +98,13 @@ def block_inputs(tokens: torch.Tensor, anchors: torch.Tensor, block: int, prefix
     return ids, labels, pos
 
 
-def training_mask(anchors: torch.Tensor, context_len: int, block: int) -> torch.Tensor:
-    """[A*B, L + A*B] bool: context strictly before the anchor, bidirectional inside a block."""
-    a = anchors.numel()
-    ctx = torch.arange(context_len)[None, :] < anchors.repeat_interleave(block)[:, None]
-    blk = torch.block_diag(*[torch.ones(block, block, dtype=torch.bool)] * a)
-    return torch.cat([ctx, blk], dim=1)
+def block_context_mask(anchors: torch.Tensor, context_len: int, block: int) -> torch.Tensor:
+    """[A, 1, B, L + B] bool, one row set per block: the context strictly before the block's
+    anchor, then the block itself (bidirectional). Blocks run as a batch: they never see each other."""
+    ctx = torch.arange(context_len)[None, :] < anchors[:, None]  # [A, L]
+    ctx = ctx[:, None, None, :].expand(-1, 1, block, -1)
+    own = torch.ones(anchors.numel(), 1, block, block, dtype=torch.bool)
+    return torch.cat([ctx, own], dim=-1)
 
 
 # ---------------------------------------------------------------- model
@@ -139,17 +146,19 @@ def start_from_drafter(path: Path, target: Target) -> tuple[DFlashDrafter, torch
 
 def drafter_train_forward(drafter: DFlashDrafter, features: torch.Tensor, block_embeds: torch.Tensor,
                           block_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """features [L, k*H], block_embeds [A*B, H], block_pos [A*B], mask [A*B, L+A*B] -> states [A*B, H]."""
+    """The decoding forward with the blocks as a batch: features [L, k*H] of one sequence,
+    block_embeds [A, B, H], block_pos [A, B], mask [A, 1, B, L+B] -> states [A, B, H]."""
     cfg = drafter.config
     ctx = drafter.fuse_context(features[None])  # [1, L, H]
     ctx_rope = rope_tables(torch.arange(features.shape[0]), cfg.head_dim, cfg.rope_theta, ctx.dtype)
-    blk_rope = rope_tables(block_pos, cfg.head_dim, cfg.rope_theta, ctx.dtype)
-    x = block_embeds[None]
+    cos, sin = rope_tables(block_pos.reshape(-1), cfg.head_dim, cfg.rope_theta, ctx.dtype)
+    a, b = block_pos.shape
+    blk_rope = (cos.view(a, 1, b, -1), sin.view(a, 1, b, -1))  # broadcast over heads
+    x = block_embeds
     for layer in drafter.layers:
-        attn = layer.self_attn
-        k_ctx, v_ctx = attn.project_kv(ctx, ctx_rope)
-        x = layer(x, blk_rope, k_ctx, v_ctx, mask[None, None])
-    return drafter.norm(x)[0]
+        k_ctx, v_ctx = layer.self_attn.project_kv(ctx, ctx_rope)  # [1, kv, L, d], shared by the blocks
+        x = layer(x, blk_rope, k_ctx, v_ctx, mask)
+    return drafter.norm(x)
 
 
 def slot_weights(block: int, gamma: float, prefix: torch.Tensor | None, anchors: int) -> torch.Tensor:
@@ -162,38 +171,56 @@ def slot_weights(block: int, gamma: float, prefix: torch.Tensor | None, anchors:
 # ---------------------------------------------------------------- the trainer
 
 class Trainer:
-    def __init__(self, target: Target, sequences, cfg: TrainConfig, work: Path, log=print,
+    """Trains a drafter on a FeatureCache: target features and soft labels are read, never recomputed."""
+
+    def __init__(self, target: Target, cache: FeatureCache, cfg: TrainConfig, work: Path, log=print,
                  eos_ids: frozenset[int] = frozenset()):
         torch.set_flush_denormal(True)
-        self.target, self.cfg, self.work, self.log = target, cfg, work, log
-        self.train_seqs, self.held_seqs = split(sequences)
-        if not self.train_seqs:
+        self.target, self.cache, self.cfg, self.work, self.log = target, cache, cfg, work, log
+        self.train_ids, self.held_ids = split_indices(cache.pool_index[:len(cache)])
+        if not self.train_ids:
             raise ValueError("no training sequences")
         if cfg.init_from:
             self.drafter, vocab = start_from_drafter(Path(cfg.init_from), target)
             self.use_vocab(vocab)
         else:
             vocab = target.vocab_size
-            self.use_vocab(draft_vocabulary(self.train_seqs, cfg.draft_vocab, vocab, eos_ids)
+            responses = [self.response(i) for i in self.train_ids]
+            self.use_vocab(draft_vocabulary(responses, cfg.draft_vocab, vocab, eos_ids)
                            if 0 < cfg.draft_vocab < vocab else None)
             dcfg = random_drafter_config(target.model.config, num_layers=cfg.num_layers,
                                          block_size=cfg.block_size, num_features=cfg.num_features)
+            if cfg.feature_layers:
+                dcfg = replace(dcfg, target_layer_ids=tuple(cfg.feature_layers))
             self.drafter = DFlashDrafter(dcfg, with_mask_embedding=True).float()
-            init_from_target(self.drafter, target.model)
+            if cfg.init == "target":
+                init_from_target(self.drafter, target.model)
+            else:
+                init_random(self.drafter, seed=cfg.seed)
+                with torch.no_grad():
+                    self.drafter.norm.weight.copy_(target.model.model.norm.weight.float())
+        missing = sorted(set(self.drafter.config.target_layer_ids) - set(cache.layers))
+        if missing:
+            raise ValueError(f"the drafter reads target layers {missing} that the feature cache lacks "
+                             f"(it has {list(cache.layers)}): rebuild the cache with those layers")
         if self.drafter.config.block_size != cfg.block_size:
             raise ValueError(f"block size {cfg.block_size} differs from the drafter's "
                              f"{self.drafter.config.block_size}")
         self.opt = torch.optim.AdamW(self.drafter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      betas=(0.9, 0.95))
-        self.step = 0
+        self.step, self.minutes = 0, 0.0
+        self._baselines: dict | None = None
 
     # ------------------------------------------------ pieces
+    def response(self, i: int) -> np.ndarray:
+        return self.cache.token_ids(i)[int(self.cache.prompt_lens[i]):].numpy()
+
     def use_vocab(self, vocab: torch.Tensor | None) -> None:
         """Draft over `vocab` (None = the whole vocabulary): lm_head rows and the id remap."""
         self.vocab = vocab
         head = self.target.model.get_output_embeddings().weight.detach()
         self.head = (head[vocab] if vocab is not None else head).to(torch.bfloat16)
-        self.remap = None
+        self.remap = torch.arange(self.target.vocab_size)
         if vocab is not None:  # full id -> draft index (-100 outside the draft vocabulary)
             self.remap = torch.full((self.target.vocab_size,), -100, dtype=torch.long)
             self.remap[vocab] = torch.arange(vocab.numel())
@@ -205,71 +232,85 @@ class Trainer:
         progress = (step - warm) / max(1, self.cfg.steps - warm)
         return self.cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-    @torch.no_grad()
-    def features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Target hidden states of the chosen layers for one sequence. [L, k*H] float32"""
-        from .. import kvcache
-
-        cache = kvcache.new_target_cache(self.target.model)
-        out = self.target.forward(tokens[None], torch.arange(tokens.numel())[None], cache,
-                                  feature_layers=self.drafter.config.target_layer_ids, last_only=True)
-        return out.features.float()
-
     def embed_blocks(self, ids: torch.Tensor) -> torch.Tensor:
-        """[A, B] ids with -1 = MASK -> [A*B, H]."""
-        flat = ids.reshape(-1)
+        """[A, B] ids with -1 = MASK -> [A, B, H]."""
         with torch.no_grad():
-            emb = self.target.embed(flat.clamp(min=0)).float()
-        mask = self.drafter.mask_embedding[None, :].expand_as(emb)
-        return torch.where((flat < 0)[:, None], mask, emb)
+            emb = self.target.embed(ids.clamp(min=0)).float()
+        mask = self.drafter.mask_embedding.expand_as(emb)
+        return torch.where((ids < 0)[..., None], mask, emb)
 
     def sample_prefix(self, count: int, gen: torch.Generator) -> torch.Tensor:
         """Visible prefix lengths for a VP drafter: P(l) ~ decay^l, l in 0..B-2."""
         probs = self.cfg.prefix_decay ** torch.arange(self.cfg.block_size - 1, dtype=torch.float)
         return torch.multinomial(probs / probs.sum(), count, replacement=True, generator=gen)
 
-    def sequence_loss(self, seq, gen: torch.Generator):
-        tokens = torch.as_tensor(seq[0][: self.cfg.max_seq_len], dtype=torch.long)
-        anchors = sample_anchors(tokens.numel(), seq[1], self.cfg.anchors, gen)
+    def block_states(self, i: int, anchors: torch.Tensor, prefix: torch.Tensor | None):
+        """Drafter states of blocks at `anchors` of cached sequence i -> (states [A, B, H], labels, pos [A, B])."""
+        tokens = self.cache.token_ids(i)[: self.cfg.max_seq_len]
+        ids, labels, pos = block_inputs(tokens, anchors, self.cfg.block_size, prefix)
+        feats = self.cache.feature_rows(i, self.drafter.config.target_layer_ids)[: tokens.numel()]
+        mask = block_context_mask(anchors, tokens.numel(), self.cfg.block_size)
+        with torch.autocast(self.target.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16_autocast):
+            states = drafter_train_forward(self.drafter, feats.to(self.target.device), self.embed_blocks(ids), pos,
+                                           mask)
+        return states, labels, pos
+
+    def soft_targets(self, i: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's next-token distribution at positions `rows` of sequence i, over the draft
+        vocabulary: (draft indices [n, K], probabilities [n, K], renormalised over the kept ids)."""
+        ids, logp = self.cache.soft_labels(i)
+        ids, logp = ids[rows], logp[rows]
+        idx = self.remap[ids]
+        probs = torch.where(idx >= 0, logp.exp(), torch.zeros_like(logp))
+        probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-9)
+        return idx.clamp(min=0), probs
+
+    def sequence_loss(self, i: int, gen: torch.Generator):
+        """Weighted loss sum and weight sum over the sampled blocks of cached sequence i."""
+        cfg = self.cfg
+        n = min(int(self.cache.offsets[i + 1] - self.cache.offsets[i]), cfg.max_seq_len)
+        anchors = sample_anchors(n, int(self.cache.prompt_lens[i]), cfg.anchors, gen)
         if anchors.numel() == 0:
             return None
-        block = self.cfg.block_size
-        prefix = None
-        if self.cfg.variable_prefix:
-            prefix = self.sample_prefix(anchors.numel(), gen)
-        ids, labels, pos = block_inputs(tokens, anchors, block, prefix)
-        feats = self.features(tokens)
-        mask = training_mask(anchors, tokens.numel(), block)
-        with torch.autocast(self.target.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16_autocast):
-            states = drafter_train_forward(self.drafter, feats, self.embed_blocks(ids), pos.reshape(-1), mask)
-        weights = slot_weights(block, self.cfg.gamma, prefix, anchors.numel()).reshape(-1)
-        target_ids = labels.reshape(-1)
-        if self.remap is not None:
-            target_ids = torch.where(target_ids >= 0, self.remap[target_ids.clamp(min=0)], target_ids)
-        keep = target_ids >= 0
-        logits = states[keep].to(torch.bfloat16) @ self.head.T
-        losses = F.cross_entropy(logits.float(), target_ids[keep], reduction="none")
+        prefix = self.sample_prefix(anchors.numel(), gen) if cfg.variable_prefix else None
+        states, labels, pos = self.block_states(i, anchors, prefix)
+        weights = slot_weights(cfg.block_size, cfg.gamma, prefix, anchors.numel()).reshape(-1)
+        labels, pos = labels.reshape(-1), pos.reshape(-1)
+        keep = labels >= 0
+        logq = torch.log_softmax((states.reshape(-1, states.shape[-1])[keep].to(torch.bfloat16)
+                                  @ self.head.T).float(), dim=-1)  # [n, N]
+        hard_ids = self.remap[labels[keep]]
+        loss = torch.zeros(logq.shape[0])
+        if cfg.distill < 1.0:
+            hard = -logq.gather(1, hard_ids.clamp(min=0)[:, None])[:, 0]
+            loss = loss + (1 - cfg.distill) * torch.where(hard_ids >= 0, hard, torch.zeros_like(hard))
+        if cfg.distill > 0.0:  # slot k's label is the target's distribution at position anchor + k - 1
+            idx, probs = self.soft_targets(i, pos[keep] - 1)
+            loss = loss + cfg.distill * -(probs * logq.gather(1, idx)).sum(-1)
         w = weights[keep]
-        return (losses * w).sum(), w.sum()
+        return (loss * w).sum(), w.sum()
 
     # ------------------------------------------------ loop
-    def train(self, minutes: float | None = None) -> None:
+    def train(self, minutes: float | None = None, stop_at: int | None = None) -> None:
+        """Train to cfg.steps (resuming first); stop early after `minutes` or at step `stop_at`,
+        checkpointed, as a kill would (the next call continues with the same data order)."""
         from tqdm import tqdm
 
         self.resume()
-        start = time.time()
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc="training", unit="step")
-        tokens_seen, t_window = 0, time.time()
-        while self.step < self.cfg.steps:
-            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
-            picks = torch.randint(len(self.train_seqs), (self.cfg.seqs_per_step,), generator=gen).tolist()
+        cfg = self.cfg
+        start, last_eval = time.time(), self.minutes
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="training", unit="step")
+        while self.step < cfg.steps:
+            t0 = time.time()
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+            picks = torch.randint(len(self.train_ids), (cfg.seqs_per_step,), generator=gen).tolist()
             lr = self.lr_at(self.step)
             for group in self.opt.param_groups:
                 group["lr"] = lr
             self.opt.zero_grad(set_to_none=True)
-            total, weight = 0.0, 0.0
-            parts = [self.sequence_loss(self.train_seqs[i], gen) for i in picks]
+            parts = [self.sequence_loss(self.train_ids[j], gen) for j in picks]
             parts = [p for p in parts if p is not None]
+            total = 0.0
             if parts:
                 loss_sum = sum(p[0] for p in parts)
                 weight = float(sum(p[1] for p in parts))
@@ -277,48 +318,70 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), 1.0)
                 self.opt.step()
                 total = float(loss_sum.detach()) / weight
-            tokens_seen += sum(min(len(self.train_seqs[i][0]), self.cfg.max_seq_len) for i in picks)
             self.step += 1
-            rate = tokens_seen / max(time.time() - t_window, 1e-6)
-            bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.1e}", tok_s=f"{rate:.0f}")
+            self.minutes += (time.time() - t0) / 60
+            rate = self.step / max(self.minutes * 60, 1e-6)
+            bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.1e}", steps_s=f"{rate:.2f}")
             bar.update(1)
             if self.step % 10 == 0:
-                self.log(f"step {self.step} loss {total:.4f} lr {lr:.2e} tok/s {rate:.0f}")
-            if self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.steps:
+                self.log(f"step {self.step} loss {total:.4f} lr {lr:.2e} minutes {self.minutes:.1f}")
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                 self.save_checkpoint()
-            if self.step % self.cfg.eval_every == 0 or self.step == self.cfg.steps:
-                self.log("eval " + json.dumps(self.evaluate()))
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps or \
+                    (cfg.eval_minutes and self.minutes - last_eval >= cfg.eval_minutes):
+                self.report(self.evaluate())
+                last_eval = self.minutes
+            if stop_at is not None and self.step >= stop_at:
+                self.save_checkpoint()
+                break
             if minutes is not None and time.time() - start > 60 * minutes:
                 self.save_checkpoint()
                 self.log(f"stopping after {minutes} minutes at step {self.step} (resume continues)")
                 break
         bar.close()
 
+    def report(self, result: dict) -> None:
+        """Log an evaluation; a drafter that does not beat the bigram table on slot 1 is broken."""
+        self.log("eval " + json.dumps(result))
+        if "slot1" in result and result["slot1"] <= result.get("bigram_slot1", 0.0):
+            self.log(f"WARNING: drafter BROKEN at step {self.step}: slot-1 accuracy {result['slot1']} does not "
+                     f"beat a bigram table ({result['bigram_slot1']}) that never sees the target")
+
     # ------------------------------------------------ evaluation
+    def eval_blocks(self, limit: int | None = None) -> list[tuple[int, torch.Tensor]]:
+        """Fixed held-out (sequence, anchors) pairs: up to 16 full blocks per sequence."""
+        gen = torch.Generator().manual_seed(1234)
+        out = []
+        for i in self.held_ids[: limit or self.cfg.eval_seqs]:
+            n = min(int(self.cache.offsets[i + 1] - self.cache.offsets[i]), self.cfg.max_seq_len)
+            anchors = sample_anchors(n, int(self.cache.prompt_lens[i]), 16, gen)
+            anchors = anchors[anchors + self.cfg.block_size <= n]
+            if anchors.numel():
+                out.append((i, anchors))
+        return out
+
+    def baselines(self) -> dict:
+        if self._baselines is None:
+            held = [(self.cache.token_ids(i).numpy(), a.tolist()) for i, a in self.eval_blocks()]
+            self._baselines = slot1_baselines([self.response(i) for i in self.train_ids], held)
+        return self._baselines
+
     @torch.no_grad()
     def evaluate(self, limit: int | None = None) -> dict:
-        """Teacher-forced chain acceptance on held-out target responses, and calibration:
-        predicted P(accept >= d) (product of draft probabilities of the true tokens) vs observed.
+        """Teacher-forced chain acceptance on held-out target responses (slot-1 accuracy, chain tau),
+        the n-gram baselines' slot-1 accuracy on the same blocks, and calibration: predicted
+        P(accept >= d) (product of the drafter's top-1 probabilities) vs observed.
         A variable-prefix drafter is scored on the slots after a sampled visible prefix."""
-        seqs = self.held_seqs[: limit or self.cfg.eval_seqs]
         block = self.cfg.block_size
         accepted, predicted, observed, blocks = [], torch.zeros(block - 1), torch.zeros(block - 1), 0
         gen = torch.Generator().manual_seed(1234)
-        for seq in seqs:
-            tokens = torch.as_tensor(seq[0][: self.cfg.max_seq_len], dtype=torch.long)
-            anchors = sample_anchors(tokens.numel(), seq[1], 16, gen)
-            anchors = anchors[anchors + block <= tokens.numel()]
-            if anchors.numel() == 0:
-                continue
+        pairs = self.eval_blocks(limit)
+        for i, anchors in pairs:
             prefix = self.sample_prefix(anchors.numel(), gen) if self.cfg.variable_prefix else None
-            ids, labels, pos = block_inputs(tokens, anchors, block, prefix)
-            states = drafter_train_forward(self.drafter, self.features(tokens), self.embed_blocks(ids),
-                                           pos.reshape(-1), training_mask(anchors, tokens.numel(), block))
-            logits = (states.to(torch.bfloat16) @ self.head.T).float().view(anchors.numel(), block, -1)[:, 1:]
+            states, labels, _ = self.block_states(i, anchors, prefix)
+            logits = (states[:, 1:].to(torch.bfloat16) @ self.head.T).float()
             probs = logits.softmax(-1)
-            truth = torch.as_tensor(tokens[anchors[:, None] + torch.arange(1, block)])
-            if self.remap is not None:
-                truth = self.remap[truth]
+            truth = self.remap[labels[:, 1:].clamp(min=0)]
             visible = torch.zeros_like(truth, dtype=torch.bool)
             if prefix is not None:  # slots 1..prefix hold ground truth: given, not drafted
                 visible = torch.arange(1, block)[None, :] <= prefix[:, None]
@@ -333,9 +396,13 @@ class Trainer:
         if not accepted:
             return {"step": self.step}
         acc = torch.cat(accepted)
-        return {"step": self.step, "chain_tau": round(1 + float(acc.mean()), 3), "blocks": blocks,
-                "predicted_accept_by_depth": [round(float(x), 3) for x in (predicted / blocks)[:8]],
-                "observed_accept_by_depth": [round(float(x), 3) for x in (observed / blocks)[:8]]}
+        result = {"step": self.step, "minutes": round(self.minutes, 2), "chain_tau": round(1 + float(acc.mean()), 3),
+                  "slot1": round(float(observed[0] / blocks), 3), "blocks": blocks,
+                  "predicted_accept_by_depth": [round(float(x), 3) for x in (predicted / blocks)[:8]],
+                  "observed_accept_by_depth": [round(float(x), 3) for x in (observed / blocks)[:8]]}
+        if not self.cfg.variable_prefix:
+            result.update(self.baselines())
+        return result
 
     # ------------------------------------------------ checkpoints
     def checkpoint_dir(self) -> Path:
@@ -359,7 +426,8 @@ class Trainer:
                 for key, value in self.opt.state.get(p, {}).items():
                     opt_tensors[f"{names[id(p)]}::{key}"] = torch.as_tensor(value).clone().contiguous()
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        meta = {"step": self.step, "config": asdict(self.cfg), "drafter": self.drafter.config.to_json()}
+        meta = {"step": self.step, "minutes": self.minutes, "config": asdict(self.cfg),
+                "drafter": self.drafter.config.to_json()}
         (tmp / "state.json").write_text(json.dumps(meta, indent=2))
         if self.vocab is not None:
             (tmp / "draft_vocab.json").write_text(json.dumps(self.vocab.tolist()))
@@ -386,7 +454,7 @@ class Trainer:
         for key, value in opt_tensors.items():
             name, field = key.split("::")
             self.opt.state[params[name]][field] = value
-        self.step = int(meta["step"])
+        self.step, self.minutes = int(meta["step"]), float(meta.get("minutes", 0.0))
         self.log(f"resumed from {ckpt} at step {self.step}")
         return True
 

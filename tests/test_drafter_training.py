@@ -1,0 +1,134 @@
+"""Issue 14: the feature cache, the distillation loss and train == decode alignment on tiny models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import quanttree
+from quanttree import kvcache
+from quanttree.decode import DraftContext
+from quanttree.train.baselines import lookup_next, slot1_baselines, successor_table
+from quanttree.train.features import build_cache
+from quanttree.train.trainer import TrainConfig, Trainer
+
+from helpers import make_tiny_target
+
+LAYERS = (1, 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory, tokenizer):
+    target = make_tiny_target(tmp_path_factory.mktemp("t") / "t", "llama", tokenizer, num_hidden_layers=4)
+    return quanttree.load(str(target), quant="fp32", device="cpu", drafter=None)
+
+
+def sequences(n: int = 6, length: int = 40, seed: int = 0):
+    """Random token sequences (prompt 8 tokens) with pool indices 0..n-1 (index 0 is held out)."""
+    gen = np.random.default_rng(seed)
+    return [(gen.integers(0, 300, size=length).astype(np.int32), 8, i) for i in range(n)]
+
+
+def online(engine, tokens: np.ndarray, layers=LAYERS):
+    """Features and logits through the decoding path: Target.forward with a KV cache."""
+    ids = torch.as_tensor(tokens.astype(np.int64))[None]
+    cache = kvcache.new_target_cache(engine.target.model)
+    out = engine.target.forward(ids, torch.arange(ids.shape[1])[None], cache, feature_layers=layers)
+    return out.features, out.logits
+
+
+def test_cached_features_equal_online_features(tiny_engine, tmp_path):
+    seqs = sequences(3, 30) + sequences(2, 17, seed=1)  # different lengths share a padded batch
+    cache = build_cache(tiny_engine.target, seqs, tmp_path / "f", LAYERS, top_k=8, tokens_per_batch=64,
+                        log=lambda *_: None)
+    assert len(cache) == len(seqs)
+    for i, (tokens, _, _) in enumerate(seqs):
+        feats, logits = online(tiny_engine, tokens)
+        cached = cache.feature_rows(i)
+        assert cached.dtype == torch.bfloat16 and cached.shape == feats.shape
+        torch.testing.assert_close(cached.float(), feats.bfloat16().float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(cache.feature_rows(i, (3,)).float(), cached.float()[:, 64:])
+        ids, logp = cache.soft_labels(i)
+        assert torch.equal(ids[:, 0], logits.argmax(-1))
+        torch.testing.assert_close(logp, torch.log_softmax(logits, -1).gather(1, ids), atol=2e-3, rtol=1e-3)
+        assert torch.equal(cache.token_ids(i), torch.as_tensor(tokens.astype(np.int64)))
+
+
+def test_cache_build_resumes_and_refuses_another_build(tiny_engine, tmp_path):
+    seqs = sequences(4, 20)
+    path = tmp_path / "f"
+    build_cache(tiny_engine.target, seqs[:4], path, LAYERS, top_k=4, tokens_per_batch=20, log=lambda *_: None)
+    again = build_cache(tiny_engine.target, seqs, path, LAYERS, top_k=4, log=lambda *_: None)  # nothing to do
+    assert len(again) == 4
+    with pytest.raises(ValueError, match="different feature cache"):
+        build_cache(tiny_engine.target, seqs, path, (0, 1), top_k=4, log=lambda *_: None)
+
+
+def test_distillation_loss_is_the_cross_entropy_to_the_targets_top_k(tiny_engine, tmp_path):
+    seqs = sequences(4, 30)
+    cache = build_cache(tiny_engine.target, seqs, tmp_path / "f", LAYERS, top_k=16, log=lambda *_: None)
+    cfg = TrainConfig(num_layers=1, block_size=4, feature_layers=LAYERS, draft_vocab=0, anchors=5, distill=1.0,
+                      init="random")
+    trainer = Trainer(tiny_engine.target, cache, cfg, tmp_path / "c", log=lambda *_: None)
+    i = trainer.train_ids[0]
+    loss, weight = trainer.sequence_loss(i, torch.Generator().manual_seed(3))
+    # recompute by hand from the online target distribution and the drafter's states
+    anchors = torch.tensor([10, 20])
+    states, labels, pos = trainer.block_states(i, anchors, None)
+    _, logits = online(tiny_engine, seqs[i][0])
+    p_full = torch.softmax(logits, -1)
+    top = p_full.topk(16, dim=-1)
+    logq = torch.log_softmax(states[:, 1:].float() @ trainer.head.float().T, -1)  # [2, 3, V]
+    for a in range(2):
+        for k in range(1, 4):
+            row = int(pos[a, k]) - 1  # slot k's label: the target's distribution at anchor + k - 1
+            p = top.values[row] / top.values[row].sum()
+            want = -(p * logq[a, k - 1, top.indices[row]]).sum()
+            idx, probs = trainer.soft_targets(i, torch.tensor([row]))
+            got = -(probs[0] * logq[a, k - 1, idx[0]]).sum()
+            torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    assert loss.requires_grad and float(weight) > 0
+    # training on it lowers it
+    trainer.train()
+    after, _ = trainer.sequence_loss(i, torch.Generator().manual_seed(3))
+    assert float(after) < float(loss.detach())
+
+
+def test_one_sequence_is_learned_alike_in_training_and_decoding(tiny_engine, tmp_path):
+    """Train on ONE sequence until every slot is right; the decoding path (the drafter's own
+    context cache fed by Target.forward features) must then predict the same blocks."""
+    tokens = np.random.default_rng(5).integers(0, 300, size=48).astype(np.int32)
+    seqs = [(tokens, 4, 1), (tokens, 4, 0)]  # the same sequence as the training and the held-out one
+    cache = build_cache(tiny_engine.target, seqs, tmp_path / "f", LAYERS, top_k=4, log=lambda *_: None)
+    block = 4
+    cfg = TrainConfig(num_layers=1, block_size=block, feature_layers=LAYERS, draft_vocab=0, anchors=64,
+                      seqs_per_step=1, steps=220, lr=3e-3, init="random", eval_every=10**6, ckpt_every=10**6,
+                      eval_seqs=1, bf16_autocast=False)
+    trainer = Trainer(tiny_engine.target, cache, cfg, tmp_path / "c", log=lambda *_: None)
+    trainer.train()
+    report = trainer.evaluate()
+    assert report["slot1"] == 1.0 and report["chain_tau"] == float(block)
+    out = trainer.export(tmp_path / "d", dtype=torch.float32)
+    engine = quanttree.load(tiny_engine.loaded.path, drafter=str(out), quant="fp32", device="cpu")
+    ctx = DraftContext(engine.drafter, engine.target)
+    feats, _ = online(engine, tokens)
+    ctx.commit(feats[:4], torch.arange(4))
+    wrong = 0
+    for anchor in range(4, len(tokens) - block):
+        drafted = ctx.log_probs(int(tokens[anchor]), anchor).argmax(-1)  # [B-1]
+        wrong += int((drafted != torch.as_tensor(tokens[anchor + 1:anchor + block].astype(np.int64))).sum())
+        ctx.commit(feats[anchor:anchor + 1], torch.tensor([anchor]))  # the anchor is now committed context
+    assert wrong == 0
+
+
+def test_ngram_baselines():
+    seq = np.array([5, 6, 7, 5, 6, 8, 5, 6])
+    assert lookup_next(seq, 7) == 8 and lookup_next(seq, 4) == 7 and lookup_next(seq, 2) is None
+    assert successor_table([seq], 1)[(5,)] == 6
+    assert successor_table([np.array([1, 2, 1, 3, 1, 3])], 1)[(1,)] == 3
+    held = np.array([1, 5, 6, 9, 5, 6, 9])
+    # anchor 4 (5 -> 6): the bigram table knows it, lookup has no earlier (9, 5);
+    # anchor 5 (6 -> 9): only the lookup of the earlier (5, 6) finds it
+    result = slot1_baselines([seq], [(held, [4, 5])])
+    assert result == {"bigram_slot1": 0.5, "trigram_slot1": 0.0, "lookup_slot1": 0.5}
