@@ -24,6 +24,7 @@ from .tree import Tree, build_branch_tree, build_chain, build_tree, compile_tree
 
 DRAFT_METHODS = ("dflash", "ddtree", "d2sd") + ADAPTIVE_METHODS
 METHODS = ("ar",) + DRAFT_METHODS
+TREE_METHODS = ("ddtree", "d2sd")  # always verify trees; the adaptive methods size chains where trees can't run
 
 
 @dataclass(frozen=True)
@@ -144,8 +145,8 @@ class DraftContext:
 
 def propose(method: str, draft: DraftContext | None, root: int, start: int, cfg: DecodeConfig,
             clock: Clock, times: PhaseTimes, sizer: TreeSizer | None = None,
-            second: DraftContext | None = None) -> Tree:
-    """Draft and shape the tree to verify this round."""
+            second: DraftContext | None = None, chain_only: bool = False) -> Tree:
+    """Draft and shape the tree to verify this round (a chain when the target allows no tree)."""
     if method == "ar" or draft is None or (sizer is not None and not sizer.should_draft(start)):
         return root_only(root)
     t0 = clock()
@@ -154,7 +155,7 @@ def propose(method: str, draft: DraftContext | None, root: int, start: int, cfg:
         prefixes = rejection_boundaries(log_probs, cfg.branches)
         branch_lp = (second or draft).branch_log_probs(root, start, log_probs.argmax(-1), prefixes)
     t1 = clock()
-    if method == "dflash":
+    if method == "dflash" or chain_only:  # a sizer cuts a chain to a prefix (path probabilities fall)
         tree = build_chain(log_probs, root)
     elif method == "d2sd":  # trimmed to the `budget` most probable nodes (prefix-closed)
         tree = prune(build_branch_tree(log_probs, branch_lp, prefixes, root), cfg.budget)
@@ -167,6 +168,15 @@ def propose(method: str, draft: DraftContext | None, root: int, start: int, cfg:
     times.draft += t1 - t0
     times.build += clock() - t1
     return tree
+
+
+def replay(target: Target, cache, saved: list[dict], path_tokens: torch.Tensor, start: int) -> None:
+    """Roll a recurrent target back to before a rejected chain: restore the recurrent states,
+    crop the attention layers to `start`, then run the accepted tokens [L] through again."""
+    kvcache.restore(cache, saved)
+    kvcache.crop(cache, start)
+    positions = start + torch.arange(path_tokens.numel(), device=path_tokens.device)
+    target.forward(path_tokens[None], positions[None], cache, last_only=True)
 
 
 def finish(tokens: list[int], produced: int, cfg: DecodeConfig) -> tuple[list[int], str | None]:
@@ -198,6 +208,12 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
     draft = DraftContext(drafter, target) if layers else None
     second = DraftContext(vp_drafter, target) if layers and cfg.method == "d2sd" and vp_drafter else None
     cache = kvcache.new_target_cache(target.model)
+    recurrent = kvcache.has_recurrent_state(cache)
+    if recurrent and cfg.method in TREE_METHODS:
+        raise QuanttreeError(
+            f"method {cfg.method!r} verifies a tree, which is not exact on this target: its recurrent "
+            "(linear-attention) layers would read the flattened tree as one sequence. Use method='dflash' "
+            "or 'auto' (chains, with the recurrent state rolled back by replaying the accepted tokens) or 'ar'")
 
     if sizer is not None:
         sizer.start_sequence()
@@ -219,15 +235,20 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
     while finished is None:
         t0 = clock()
         times = PhaseTimes()
-        tree = propose(cfg.method, draft, root, start, cfg, clock, times, sizer, second)
+        tree = propose(cfg.method, draft, root, start, cfg, clock, times, sizer, second, chain_only=recurrent)
         inputs = compile_tree(tree, start, target.dtype)
         t1 = clock()
+        saved = kvcache.snapshot(cache) if recurrent and tree.size else None
         out = target.forward(inputs.input_ids, inputs.position_ids, cache, inputs.attention_mask, layers)
         t2 = clock()
         times.verify += t2 - t1
         target_tokens = select_tokens(out.logits, cfg.sampling, gen).to(tree.tokens.device)
         accepted = walk(tree, target_tokens, inputs.ancestors)
-        kvcache.compact(cache, start, accepted.path)
+        if saved is not None and accepted.path.numel() < tree.size + 1:
+            replay(target, cache, saved, tree.tokens[accepted.path], start)
+            times.verify += clock() - t2
+        else:
+            kvcache.compact(cache, start, accepted.path)
         for ctx in (draft, second):
             if ctx is not None:
                 ctx.commit(out.features[accepted.path], start + torch.arange(accepted.path.numel(), device=device))

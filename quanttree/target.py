@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import QuanttreeError
+from .tree import sliding_window_mask
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class Target:
         # transformers renamed past_key_values to cache in 5.2x; use whichever this version takes
         params = inspect.signature(model.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.layer_types = tuple(getattr(config, "layer_types", None) or ())
+        self.sliding_window = getattr(config, "sliding_window", None) \
+            if getattr(config, "use_sliding_window", True) is not False else None
         self._captured: dict[int, torch.Tensor] = {}
         self._hooks: dict[int, object] = {}
 
@@ -75,6 +79,8 @@ class Target:
         ids whose outputs become drafter features (id i = hidden_states[i + 1]).
         """
         self._capture(feature_layers)
+        if attention_mask is not None:
+            attention_mask = self.layer_masks(attention_mask, position_ids)
         out = self.model(
             input_ids=input_ids.to(self.device),
             position_ids=position_ids.to(self.device),
@@ -87,6 +93,22 @@ class Target:
         if feature_layers:
             features = torch.cat([self._captured.pop(i)[0].to(self.device) for i in feature_layers], dim=-1)
         return TargetOutput(logits=out.logits[0], features=features)
+
+    def layer_masks(self, mask: torch.Tensor, position_ids: torch.Tensor):
+        """A tree mask as each attention layer type needs it: a 4D mask given to transformers is
+        used by every layer as it is, so sliding-window layers get the window applied here
+        (a dict per layer type where the model has several types)."""
+        kinds = set(self.layer_types)
+        unknown = kinds - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise QuanttreeError(f"tree verification is not supported on layers of type {sorted(unknown)}: "
+                                 "use method='dflash' (a chain) or 'ar'")
+        if self.sliding_window is None:
+            return mask
+        windowed = sliding_window_mask(mask, position_ids, self.sliding_window)
+        if not kinds:  # one layer type, windowed (e.g. Mistral): the single mask carries the window
+            return windowed
+        return {"full_attention": mask, "sliding_attention": windowed}
 
     @torch.inference_mode()
     def hidden_and_logits(self, input_ids: torch.Tensor, feature_layers: tuple[int, ...]):

@@ -163,6 +163,16 @@ def compile_tree(tree: Tree, start: int, dtype: torch.dtype) -> VerifyInputs:
     return VerifyInputs(input_ids, position_ids, mask[None, None], vis)
 
 
+def sliding_window_mask(mask: torch.Tensor, position_ids: torch.Tensor, window: int) -> torch.Tensor:
+    """The tree mask [1, 1, n, past+n] of a sliding-window layer: a query at position p also
+    hides every key at position <= p - window (transformers' convention). Cached keys sit at
+    positions 0..past-1 (the cache is compacted), tree keys at the tree's own positions."""
+    n, total = mask.shape[-2:]
+    q = position_ids.reshape(-1).to(mask.device)
+    k = torch.cat([torch.arange(total - n, device=mask.device), q])
+    return mask.masked_fill((q[:, None] - k[None, :]) >= window, torch.finfo(mask.dtype).min)
+
+
 def walk(tree: Tree, target_tokens: torch.Tensor, ancestors: torch.Tensor | None = None) -> Acceptance:
     """Follow the target from the root: at each node, go to the child whose token equals the
     target's token there; stop when none does. target_tokens: [n+1] (one per node);

@@ -14,7 +14,7 @@ from quanttree.sampling import SamplingParams
 from quanttree.target import Target
 from quanttree.tree import build_tree, compile_tree
 
-from helpers import make_tiny_drafter, make_tiny_target
+from helpers import Oracle, make_tiny_drafter, make_tiny_target
 
 PROMPT = "Explain in two sentences why the sky is blue."
 
@@ -115,28 +115,6 @@ def test_greedy_chain_and_tree_equal_ar_tiny(tiny_dirs, kind):
         out = engine.generate("the cat sat on", method=method, budget=budget, max_new_tokens=40, chat=False)
         assert out.token_ids == ar.token_ids, (method, budget)
         assert out.stats.rounds >= 1 and out.stats.tau >= 1.0
-
-
-class Oracle:
-    """Replaces the drafter's marginals with ones built from the known AR continuation:
-    the right token ranks first at some depths and second at others, so trees accept deep,
-    non-contiguous paths."""
-
-    def __init__(self, reference: list[int], vocab: int, seed: int = 0):
-        self.reference, self.vocab = reference, vocab
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def log_probs(self, draft_self, root, start):
-        block = draft_self.drafter.config.block_size
-        logits = torch.randn(block - 1, self.vocab, generator=self.gen)
-        for d in range(1, block):
-            pos = start + d
-            if pos < len(self.reference):
-                boost = 8.0 if torch.rand(1, generator=self.gen) < 0.7 else 4.0
-                runner = int(torch.randint(self.vocab, (1,), generator=self.gen))
-                logits[d - 1, runner] += 6.0
-                logits[d - 1, self.reference[pos]] += boost
-        return torch.log_softmax(logits, -1)
 
 
 @pytest.mark.parametrize("method, budget", [("dflash", 0), ("ddtree", 8), ("ddtree", 32)])
