@@ -90,6 +90,8 @@ class DraftContext:
         self.vocab = drafter.draft_vocab  # None: the whole target vocabulary
         head = target.model.get_output_embeddings().weight
         self.head = head.detach()[self.vocab] if self.vocab is not None else None  # [N, H] rows of the lm_head
+        if drafter.lm_head is not None:  # a drafter with its own head over its draft vocabulary
+            self.head = drafter.lm_head.weight.detach()
 
     def commit(self, features: torch.Tensor, positions: torch.Tensor) -> None:
         """Queue committed tokens' target features [c, k*H] at positions [c] (until the next draft)."""

@@ -39,12 +39,17 @@ class DrafterConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1e6
     model_type: str = "qwen3"
+    rope_scaling: tuple[tuple[str, object], ...] = ()  # rope_parameters beyond rope_theta (e.g. yarn)
+    max_position_embeddings: int | None = None
+    layer_types: tuple[str, ...] = ()  # per drafter layer: full_attention (default) or sliding_attention
+    sliding_window: int | None = None
     extra: dict = field(default_factory=dict, compare=False)  # other published keys, kept on save
 
     @classmethod
     def from_json(cls, data: dict) -> "DrafterConfig":
         dflash = data.get("dflash_config") or {}
-        rope = data.get("rope_parameters") or {}
+        rope = dict(data.get("rope_parameters") or data.get("rope_scaling") or {})
+        check_supported(data)
         try:
             heads = data["num_attention_heads"]
             return cls(
@@ -55,14 +60,21 @@ class DrafterConfig:
                 num_key_value_heads=data.get("num_key_value_heads", heads),
                 head_dim=data.get("head_dim") or data["hidden_size"] // heads,
                 vocab_size=data["vocab_size"],
-                num_target_layers=data["num_target_layers"],
                 target_layer_ids=tuple(dflash["target_layer_ids"]),
                 mask_token_id=dflash["mask_token_id"],
+                num_target_layers=dflash.get("num_target_layers", data.get("num_target_layers")),
                 block_size=dflash.get("block_size", data.get("block_size", 16)),
                 rms_norm_eps=data.get("rms_norm_eps", 1e-6),
-                rope_theta=rope.get("rope_theta", data.get("rope_theta", 1e6)),
+                rope_theta=rope.pop("rope_theta", data.get("rope_theta", 1e6)),
                 model_type=data.get("model_type", "qwen3"),
-                extra={k: v for k, v in data.items() if k in ("torch_dtype", "dtype", "max_position_embeddings")},
+                rope_scaling=tuple(sorted((k, v) for k, v in rope.items()
+                                          if not (k in ("rope_type", "type") and v == "default"))),
+                max_position_embeddings=data.get("max_position_embeddings"),
+                layer_types=tuple(data.get("layer_types") or ()),
+                sliding_window=data.get("sliding_window") if "sliding_attention" in (data.get("layer_types") or ())
+                else None,
+                extra={k: v for k, v in data.items() if k in ("torch_dtype", "dtype", "tie_word_embeddings",
+                                                              "draft_vocab_size")},
             )
         except KeyError as exc:
             raise QuanttreeError(f"drafter config.json lacks the key {exc}: is this a DFlash drafter?") from exc
@@ -83,8 +95,68 @@ class DrafterConfig:
             "block_size": self.block_size,
             "num_target_layers": self.num_target_layers,
             "dflash_config": {"mask_token_id": self.mask_token_id, "target_layer_ids": list(self.target_layer_ids)},
+            **({"rope_parameters": {"rope_theta": self.rope_theta, **dict(self.rope_scaling)}}
+               if self.rope_scaling else {}),
+            **({"max_position_embeddings": self.max_position_embeddings} if self.max_position_embeddings else {}),
+            **({"layer_types": list(self.layer_types)} if self.layer_types else {}),
+            **({"sliding_window": self.sliding_window} if self.sliding_window else {}),
             **self.extra,
         }
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of drafter layer i (None: full attention)."""
+        if self.layer_types and self.layer_types[i] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+
+KNOWN_DFLASH_KEYS = {"mask_token_id", "target_layer_ids", "block_size", "num_target_layers"}
+LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
+def check_supported(data: dict) -> None:
+    """Refuse, naming the feature, what this drafter implementation does not compute."""
+    if "DFlash2DraftModel" in (data.get("architectures") or []):
+        raise QuanttreeError("DFlash2 drafters (convolution and candidate-selector modules) are not supported "
+                             "yet: use a DFlash (v1) drafter")
+    unknown = set(data.get("dflash_config") or {}) - KNOWN_DFLASH_KEYS
+    if unknown:
+        raise QuanttreeError(f"drafter dflash_config has keys this version does not implement: {sorted(unknown)} "
+                             f"(known: {sorted(KNOWN_DFLASH_KEYS)}); refusing rather than drafting wrongly")
+    types = set(data.get("layer_types") or ())
+    if types - LAYER_TYPES:
+        raise QuanttreeError(f"drafter layer_types {sorted(types - LAYER_TYPES)} are not supported "
+                             f"(supported: {sorted(LAYER_TYPES)})")
+    if "sliding_attention" in types and not data.get("sliding_window"):
+        raise QuanttreeError("drafter config has sliding_attention layers but no sliding_window")
+    if len(data.get("layer_types") or ()) not in (0, data.get("num_hidden_layers")):
+        raise QuanttreeError("drafter layer_types must name one type per drafter layer")
+    rope = dict(data.get("rope_parameters") or data.get("rope_scaling") or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        if kind not in ROPE_INIT_FUNCTIONS:
+            raise QuanttreeError(f"drafter rope type {kind!r} is not supported (supported: default, "
+                                 f"{', '.join(ROPE_INIT_FUNCTIONS)})")
+
+
+def rope_frequencies(cfg: DrafterConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim / 2] and the cos/sin scale of the drafter's rope (default,
+    or scaled, e.g. yarn, computed by transformers' own rope functions)."""
+    d = cfg.head_dim
+    params = dict(cfg.rope_scaling)
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2).float() / d)), 1.0
+    from transformers import Qwen3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = Qwen3Config(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads, head_dim=d,
+                     max_position_embeddings=cfg.max_position_embeddings or 32768,
+                     rope_parameters={"rope_theta": cfg.rope_theta, **params, "rope_type": kind})
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[kind](hf, torch.device("cpu"))
+    return inv_freq.float(), float(scale)
 
 
 def default_target_layer_ids(num_target_layers: int, num_drafter_layers: int) -> tuple[int, ...]:
@@ -109,12 +181,11 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin [n, head_dim] for integer positions [n]."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype: torch.dtype):
+    """cos, sin [n, head_dim] for integer positions [n] (inv_freq, scale: rope_frequencies)."""
+    angles = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
     emb = torch.cat([angles, angles], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -183,7 +254,7 @@ class DrafterLayer(nn.Module):
 class DFlashDrafter(nn.Module):
     """Published tensor names: fc, hidden_norm, norm, layers.{i}.*, optional mask_embedding."""
 
-    def __init__(self, cfg: DrafterConfig, with_mask_embedding: bool = False):
+    def __init__(self, cfg: DrafterConfig, with_mask_embedding: bool = False, own_head_rows: int | None = None):
         super().__init__()
         self.config = cfg
         width = len(cfg.target_layer_ids) * cfg.hidden_size
@@ -192,7 +263,13 @@ class DFlashDrafter(nn.Module):
         self.layers = nn.ModuleList(DrafterLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mask_embedding = nn.Parameter(torch.zeros(cfg.hidden_size)) if with_mask_embedding else None
+        # its own head (draft-vocabulary rows); None: the target's lm_head, as DFlash publishes
+        self.lm_head = nn.Linear(cfg.hidden_size, own_head_rows, bias=False) if own_head_rows else None
         self.draft_vocab: torch.Tensor | None = None  # frequency-ranked subset the drafter predicts over
+        self.inv_freq, self.rope_scale = rope_frequencies(cfg)  # not a tensor of the published format
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        return rope_tables(positions, self.inv_freq, self.rope_scale, dtype)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -205,7 +282,7 @@ class DFlashDrafter(nn.Module):
     def extend_context(self, cache: ContextKV, features: torch.Tensor, positions: torch.Tensor) -> None:
         """Append committed tokens' target features [1, c, k*H] at positions [c] to the cache."""
         ctx = self.fuse_context(features)
-        rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta, ctx.dtype)
+        rope = self.rope(positions, ctx.dtype)
         for i, layer in enumerate(self.layers):
             k, v = layer.self_attn.project_kv(ctx, rope)
             cache.extend(i, k, v)
@@ -213,10 +290,20 @@ class DFlashDrafter(nn.Module):
     def forward_block(self, block_embeds: torch.Tensor, positions: torch.Tensor, cache: ContextKV) -> torch.Tensor:
         """Block states [b, B, H] at positions [B] attending to the cached context -> [b, B, H]."""
         x = block_embeds.to(self.dtype)
-        rope = rope_tables(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        rope = self.rope(positions, x.dtype)
+        keys = torch.cat([torch.arange(cache.length, device=positions.device), positions])
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, cache.keys[i], cache.values[i])
+            window = self.config.layer_window(i)
+            mask = None if window is None else window_visible(positions, keys, window)[None, None]
+            x = layer(x, rope, cache.keys[i], cache.values[i], mask)
         return self.norm(x)
+
+
+def window_visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Which keys a sliding-window drafter layer's queries see: |q - k| < window, as the
+    reference engines run it (flash attention's symmetric window on a non-causal layer).
+    q_pos [..., B], k_pos [..., K] -> bool [..., B, K]."""
+    return (q_pos[..., :, None] - k_pos[..., None, :]).abs() < window
 
 
 def check_fits_target(cfg: DrafterConfig, target_config, has_mask_embedding: bool) -> None:
@@ -287,6 +374,7 @@ def read_drafter(path: Path) -> tuple[DrafterConfig, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     data = json.loads((path / "config.json").read_text())
+    check_supported(data)
     if ARCHITECTURE not in (data.get("architectures") or []):
         raise QuanttreeError(f"{path}/config.json is not a DFlash drafter (architectures lacks {ARCHITECTURE!r})")
     files = sorted(path.glob("*.safetensors"))
@@ -298,9 +386,40 @@ def read_drafter(path: Path) -> tuple[DrafterConfig, dict[str, torch.Tensor]]:
     return DrafterConfig.from_json(data), {k.removeprefix("model."): v for k, v in tensors.items()}
 
 
+DFLASH2_TENSORS = ("conv", "selector", "candidate")  # name parts of DFlash2-only modules
+
+
+def d2t_vocabulary(tensors: dict[str, torch.Tensor], cfg: DrafterConfig) -> torch.Tensor | None:
+    """EAGLE-3 / published style draft vocabulary: draft index i means target token i + d2t[i]."""
+    d2t = tensors.pop("d2t", None)
+    tensors.pop("t2d", None)  # the inverse map (a [V] bool mask): implied by d2t
+    if d2t is None:
+        return None
+    ids = torch.arange(d2t.numel()) + d2t.long()
+    size = cfg.extra.get("draft_vocab_size")
+    if size is not None and size != d2t.numel():
+        raise QuanttreeError(f"drafter draft_vocab_size {size} != its d2t tensor's {d2t.numel()} entries")
+    if int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size or ids.unique().numel() != ids.numel():
+        raise QuanttreeError("drafter d2t does not map the draft vocabulary onto distinct target token ids")
+    return ids
+
+
 def build_drafter(cfg: DrafterConfig, tensors: dict[str, torch.Tensor]) -> DFlashDrafter:
-    """Instantiate and fill a drafter, naming missing or unexpected tensors."""
-    drafter = DFlashDrafter(cfg, with_mask_embedding="mask_embedding" in tensors)
+    """Instantiate and fill a drafter, naming missing or unexpected tensors. A `d2t` tensor becomes
+    the draft vocabulary; an `lm_head.weight` of the draft (or full) vocabulary its own head."""
+    tensors = dict(tensors)
+    vocab = d2t_vocabulary(tensors, cfg)
+    extra = [k for k in tensors if any(part in k for part in DFLASH2_TENSORS)]
+    if extra:
+        raise QuanttreeError(f"drafter tensors {extra[:3]} belong to DFlash2 (convolution / candidate selector), "
+                             "which is not supported yet: use a DFlash (v1) drafter")
+    head = tensors.get("lm_head.weight")
+    drafter = DFlashDrafter(cfg, with_mask_embedding="mask_embedding" in tensors,
+                            own_head_rows=None if head is None else head.shape[0])
+    rows = (vocab.numel() if vocab is not None else cfg.vocab_size)
+    if head is not None and head.shape[0] != rows:
+        raise QuanttreeError(f"drafter lm_head has {head.shape[0]} rows, its draft vocabulary {rows}")
+    drafter.draft_vocab = vocab
     expected = set(drafter.state_dict())
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:

@@ -392,6 +392,10 @@ def load_drafter(path: str, target: Target, quant: str | None) -> tuple[DFlashDr
     check_fits_target(cfg, target.config, "mask_embedding" in tensors)
     drafter = build_drafter(cfg, tensors)
     vocab = read_draft_vocab(directory, cfg.vocab_size)
+    if drafter.draft_vocab is not None:  # from a d2t tensor
+        if vocab is not None and not torch.equal(vocab, drafter.draft_vocab):
+            raise QuanttreeError(f"{directory}: draft_vocab.json and the d2t tensor name different vocabularies")
+        vocab = drafter.draft_vocab
     mode = resolve_quant(quant or "auto", target.device)
     if quant is None or quant == "auto":  # follow the target's activation dtype
         dtype, mode = target.dtype, {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(target.dtype, "fp16")

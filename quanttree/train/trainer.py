@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..drafter import (DFlashDrafter, check_fits_target, init_random, random_drafter_config, read_draft_vocab,
-                       read_drafter, rope_tables, save_drafter)
+                       read_drafter, save_drafter, window_visible)
 from ..target import Target
 from .baselines import slot1_baselines
 from .features import FeatureCache
@@ -148,16 +148,19 @@ def drafter_train_forward(drafter: DFlashDrafter, features: torch.Tensor, block_
                           block_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The decoding forward with the blocks as a batch: features [L, k*H] of one sequence,
     block_embeds [A, B, H], block_pos [A, B], mask [A, 1, B, L+B] -> states [A, B, H]."""
-    cfg = drafter.config
     ctx = drafter.fuse_context(features[None])  # [1, L, H]
-    ctx_rope = rope_tables(torch.arange(features.shape[0]), cfg.head_dim, cfg.rope_theta, ctx.dtype)
-    cos, sin = rope_tables(block_pos.reshape(-1), cfg.head_dim, cfg.rope_theta, ctx.dtype)
+    ctx_pos = torch.arange(features.shape[0])
+    ctx_rope = drafter.rope(ctx_pos, ctx.dtype)
+    cos, sin = drafter.rope(block_pos.reshape(-1), ctx.dtype)
     a, b = block_pos.shape
     blk_rope = (cos.view(a, 1, b, -1), sin.view(a, 1, b, -1))  # broadcast over heads
+    keys = torch.cat([ctx_pos[None, :].expand(a, -1), block_pos], dim=1)  # [A, L+B] key positions
     x = block_embeds
-    for layer in drafter.layers:
+    for i, layer in enumerate(drafter.layers):
+        window = drafter.config.layer_window(i)
+        layer_mask = mask if window is None else mask & window_visible(block_pos, keys, window)[:, None]
         k_ctx, v_ctx = layer.self_attn.project_kv(ctx, ctx_rope)  # [1, kv, L, d], shared by the blocks
-        x = layer(x, blk_rope, k_ctx, v_ctx, mask)
+        x = layer(x, blk_rope, k_ctx, v_ctx, layer_mask)
     return drafter.norm(x)
 
 
