@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated target layer ids feeding the drafter (default: DFlash's spread rule)")
     train.add_argument("--distill", type=float, default=0.0,
                        help="weight of the distillation loss to the target's top-k distribution (0 = hard labels)")
+    train.add_argument("--mask-token-id", type=int, default=None,
+                       help="a target vocabulary token as the mask (default: a learned mask embedding, which "
+                            "other engines cannot load)")
+    train.add_argument("--for-engines", action="store_true",
+                       help="export a drafter vLLM / SGLang / llama.cpp load (needs --mask-token-id)")
     train.add_argument("--init", default="target", choices=("target", "random"),
                        help="drafter layers start as copies of the target's last layers, or random")
     train.add_argument("--variable-prefix", action="store_true", help="train D2SD's variable-prefix drafter")
@@ -174,13 +179,13 @@ def cmd_train_drafter(args) -> int:
         cfg = TrainConfig(num_layers=args.layers, block_size=args.block_size, draft_vocab=args.draft_vocab,
                           anchors=args.anchors, seqs_per_step=args.seqs_per_step, steps=args.steps, lr=args.lr,
                           gamma=args.gamma, variable_prefix=args.variable_prefix, distill=args.distill,
-                          init=args.init, feature_layers=args.feature_layers,
+                          init=args.init, feature_layers=args.feature_layers, mask_token_id=args.mask_token_id,
                           init_from=str(resolve_drafter_dir(args.init_from)) if args.init_from else None)
         if args.stage == "features":
             run_features_stage(engine, paths, training_layers(engine.target, cfg))
         else:
             name = "checkpoints-vp" if args.variable_prefix else "checkpoints"
-            run_train_stage(engine, paths, cfg, Path(args.out), args.minutes, name)
+            run_train_stage(engine, paths, cfg, Path(args.out), args.minutes, name, for_engines=args.for_engines)
     return 0
 
 

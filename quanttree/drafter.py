@@ -432,14 +432,20 @@ def build_drafter(cfg: DrafterConfig, tensors: dict[str, torch.Tensor]) -> DFlas
 
 
 def save_drafter(drafter: DFlashDrafter, out: str | Path) -> Path:
-    """Write config.json + model.safetensors in the published DFlash layout."""
+    """Write config.json + model.safetensors in the published DFlash layout; a draft vocabulary
+    goes in as `draft_vocab_size` + a `d2t` tensor (draft index i -> target id i + d2t[i])."""
     from safetensors.torch import save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}
+    config = drafter.config.to_json()
+    if drafter.draft_vocab is not None:
+        vocab = drafter.draft_vocab.cpu().long()
+        state["d2t"] = (vocab - torch.arange(vocab.numel())).contiguous()
+        config["draft_vocab_size"] = vocab.numel()
     save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(drafter.config.to_json(), indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 

@@ -132,3 +132,37 @@ def test_ngram_baselines():
     # anchor 5 (6 -> 9): only the lookup of the earlier (5, 6) finds it
     result = slot1_baselines([seq], [(held, [4, 5])])
     assert result == {"bigram_slot1": 0.5, "trigram_slot1": 0.0, "lookup_slot1": 0.5}
+
+
+def test_export_for_other_engines(tiny_engine, tmp_path):
+    """A vocabulary token as the mask and the draft vocabulary as draft_vocab_size + d2t (+ its
+    lm_head rows): the published format other engines load; a learned mask embedding is refused."""
+    import json
+
+    from safetensors import safe_open
+
+    from quanttree import QuanttreeError
+
+    cache = build_cache(tiny_engine.target, sequences(4, 30), tmp_path / "f", LAYERS, top_k=4, log=lambda *_: None)
+    base = dict(num_layers=1, block_size=4, feature_layers=LAYERS, draft_vocab=128, anchors=4, steps=2,
+                eval_every=10**6, ckpt_every=10**6, init="random")
+    learned = Trainer(tiny_engine.target, cache, TrainConfig(**base), tmp_path / "a", log=lambda *_: None)
+    with pytest.raises(QuanttreeError, match="mask-token-id"):
+        learned.export(tmp_path / "x", for_engines=True)
+    trainer = Trainer(tiny_engine.target, cache, TrainConfig(**base, mask_token_id=0), tmp_path / "b",
+                      log=lambda *_: None)
+    trainer.train()
+    out = trainer.export(tmp_path / "e", for_engines=True)
+    config = json.loads((out / "config.json").read_text())
+    assert config["dflash_config"]["mask_token_id"] == 0 and config["draft_vocab_size"] == 128
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        d2t = f.get_tensor("d2t")
+    assert "mask_embedding" not in names and {"d2t", "lm_head.weight"} <= names
+    assert torch.equal(torch.arange(128) + d2t, trainer.vocab)
+    (out / "draft_vocab.json").unlink()  # the d2t tensor alone carries the vocabulary
+    engine = quanttree.load(tiny_engine.loaded.path, drafter=str(out), quant="fp32", device="cpu")
+    assert torch.equal(engine.drafter.draft_vocab, trainer.vocab) and engine.drafter.lm_head is not None
+    ar = engine.generate("hello there", max_new_tokens=12, chat=False)
+    assert engine.generate("hello there", method="ddtree", budget=6, max_new_tokens=12, chat=False).token_ids == \
+        ar.token_ids

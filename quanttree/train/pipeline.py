@@ -113,7 +113,7 @@ def run_features_stage(engine, paths: TrainPaths, layers: tuple[int, ...], top_k
 
 
 def run_train_stage(engine, paths: TrainPaths, cfg, out: Path, minutes: float | None = None,
-                    checkpoints: str = "checkpoints") -> Path:
+                    checkpoints: str = "checkpoints", for_engines: bool = False) -> Path:
     """Train (resuming from the last checkpoint) on the cached features and export the drafter to `out`."""
     from .trainer import Trainer
 
@@ -126,8 +126,11 @@ def run_train_stage(engine, paths: TrainPaths, cfg, out: Path, minutes: float | 
         trainer = Trainer(engine.target, cache, cfg, paths.work / checkpoints, log, engine.eos_token_ids)
     except ValueError as exc:
         raise QuanttreeError(str(exc)) from exc
+    if for_engines and cfg.mask_token_id is None and not cfg.init_from:
+        raise QuanttreeError("--for-engines needs --mask-token-id: other engines take the mask as a vocabulary "
+                             "token, not a learned embedding")
     trainer.train(minutes)
-    exported = trainer.export(out)
+    exported = trainer.export(out, for_engines=for_engines)
     (Path(out) / "training.json").write_text(json.dumps(
         {"step": trainer.step, "sequences": len(cache), "last_eval": trainer.evaluate()}, indent=2))
     log(f"exported drafter at step {trainer.step} to {out}")

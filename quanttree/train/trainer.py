@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..drafter import (DFlashDrafter, check_fits_target, init_random, random_drafter_config, read_draft_vocab,
                        read_drafter, save_drafter, window_visible)
+from ..errors import QuanttreeError
 from ..target import Target
 from .baselines import slot1_baselines
 from .features import FeatureCache
@@ -51,6 +52,7 @@ class TrainConfig:
     prefix_decay: float = 0.9
     bf16_autocast: bool = True  # drafter matmuls in bf16, fp32 master weights
     init_from: str | None = None  # start from this drafter dir (its shape and draft vocabulary win)
+    mask_token_id: int | None = None  # a target vocabulary token as the mask (None: a learned mask embedding)
 
 
 # ---------------------------------------------------------------- data
@@ -192,10 +194,11 @@ class Trainer:
             self.use_vocab(draft_vocabulary(responses, cfg.draft_vocab, vocab, eos_ids)
                            if 0 < cfg.draft_vocab < vocab else None)
             dcfg = random_drafter_config(target.model.config, num_layers=cfg.num_layers,
-                                         block_size=cfg.block_size, num_features=cfg.num_features)
+                                         block_size=cfg.block_size, num_features=cfg.num_features,
+                                         mask_token_id=cfg.mask_token_id)
             if cfg.feature_layers:
                 dcfg = replace(dcfg, target_layer_ids=tuple(cfg.feature_layers))
-            self.drafter = DFlashDrafter(dcfg, with_mask_embedding=True).float()
+            self.drafter = DFlashDrafter(dcfg, with_mask_embedding=cfg.mask_token_id is None).float()
             if cfg.init == "target":
                 init_from_target(self.drafter, target.model)
             else:
@@ -239,7 +242,9 @@ class Trainer:
         """[A, B] ids with -1 = MASK -> [A, B, H]."""
         with torch.no_grad():
             emb = self.target.embed(ids.clamp(min=0)).float()
-        mask = self.drafter.mask_embedding.expand_as(emb)
+            vocab_mask = self.target.embed(torch.tensor([self.drafter.config.mask_token_id])).float()[0] \
+                if self.drafter.mask_embedding is None else None
+        mask = (self.drafter.mask_embedding if vocab_mask is None else vocab_mask).expand_as(emb)
         return torch.where((ids < 0)[..., None], mask, emb)
 
     def sample_prefix(self, count: int, gen: torch.Generator) -> torch.Tensor:
@@ -461,10 +466,24 @@ class Trainer:
         self.log(f"resumed from {ckpt} at step {self.step}")
         return True
 
-    def export(self, out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-        """The drafter in the published DFlash layout (+ draft_vocab.json when one is used)."""
-        export = DFlashDrafter(self.drafter.config, with_mask_embedding=True)
-        export.load_state_dict(self.drafter.state_dict())
+    def export(self, out: Path, dtype: torch.dtype = torch.bfloat16, for_engines: bool = False) -> Path:
+        """The drafter in the published DFlash layout (draft vocabulary as d2t, and as
+        draft_vocab.json). for_engines: loadable by vLLM / SGLang / llama.cpp's converter too:
+        the mask must be a token of the target's vocabulary, and a draft vocabulary ships its
+        lm_head rows (engines that read d2t build the draft head from them)."""
+        has_mask = self.drafter.mask_embedding is not None
+        if for_engines and has_mask:
+            raise QuanttreeError(
+                "this drafter learned its own mask embedding (mask_embedding), which other engines cannot "
+                "load: they take the mask as a token id of the target's vocabulary. Train with "
+                "--mask-token-id ID (an unused or special token) to export a drafter they can run")
+        head_rows = self.vocab.numel() if for_engines and self.vocab is not None else None
+        export = DFlashDrafter(self.drafter.config, with_mask_embedding=has_mask, own_head_rows=head_rows)
+        state = dict(self.drafter.state_dict())
+        if head_rows:
+            state["lm_head.weight"] = self.head.float()
+        export.load_state_dict(state)
+        export.draft_vocab = self.vocab
         save_drafter(export.to(dtype), out)
         if self.vocab is not None:
             (Path(out) / "draft_vocab.json").write_text(json.dumps(self.vocab.tolist()))
