@@ -29,6 +29,7 @@ ARMS = {
     "base (shipped recipe)": {},
     "+ last target layer (29)": {"feature_layers": (1, 10, 18, 27, 29)},
     "random init": {"init": "random"},
+    "fc init scaled per feature dim": {"fc_init": "scaled"},
     "distillation (top-32 soft labels)": {"distill": 1.0},
     "lr 2e-3": {"lr": 2e-3},
     "256 anchors x 1 sequence": {"anchors": 256, "seqs_per_step": 1},

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "other engines cannot load)")
     train.add_argument("--for-engines", action="store_true",
                        help="export a drafter vLLM / SGLang / llama.cpp load (needs --mask-token-id)")
+    train.add_argument("--fc-init", default="normal", choices=("normal", "scaled"),
+                       help="scaled: fc columns divided by each feature dim's spread (tames massive activations)")
+    train.add_argument("--eval-every", type=int, default=200, help="held-out evaluation every N steps")
     train.add_argument("--init", default="target", choices=("target", "random"),
                        help="drafter layers start as copies of the target's last layers, or random")
     train.add_argument("--variable-prefix", action="store_true", help="train D2SD's variable-prefix drafter")
@@ -180,6 +183,7 @@ def cmd_train_drafter(args) -> int:
                           anchors=args.anchors, seqs_per_step=args.seqs_per_step, steps=args.steps, lr=args.lr,
                           gamma=args.gamma, variable_prefix=args.variable_prefix, distill=args.distill,
                           init=args.init, feature_layers=args.feature_layers, mask_token_id=args.mask_token_id,
+                          fc_init=args.fc_init, eval_every=args.eval_every,
                           init_from=str(resolve_drafter_dir(args.init_from)) if args.init_from else None)
         if args.stage == "features":
             run_features_stage(engine, paths, training_layers(engine.target, cfg))

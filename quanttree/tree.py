@@ -119,6 +119,41 @@ def _select_top(level_scores, level_tokens, level_parents, root: int, budget: in
     )
 
 
+def merge_trees(a: Tree, b: Tree) -> tuple[Tree, torch.Tensor]:
+    """One tree holding two drafts of the same root (token ids in the target's vocabulary): a
+    node of `b` whose path already exists in `a` is that node (the better score kept), the rest
+    of `b` hangs below its merged parent. Parents stay before children. Also returns which
+    nodes `b` proposed ([n+1] bool; the root counts for both)."""
+    if int(a.tokens[0]) != int(b.tokens[0]):
+        raise ValueError("merge_trees: the two trees have different roots")
+    tokens, parents, depths = a.tokens.tolist(), a.parents.tolist(), a.depths.tolist()
+    scores = a.scores.tolist()
+    from_b = [True] + [False] * a.size
+    child = {(parents[i], tokens[i]): i for i in range(1, len(tokens))}
+    where = [0] * (b.size + 1)  # b's node -> merged node
+    for i, (tok, par, score) in enumerate(zip(b.tokens.tolist(), b.parents.tolist(), b.scores.tolist())):
+        if i == 0:
+            continue
+        key = (where[par], tok)
+        j = child.get(key)
+        if j is None:
+            j = len(tokens)
+            child[key] = j
+            tokens.append(tok)
+            parents.append(where[par])
+            depths.append(depths[where[par]] + 1)
+            scores.append(score)
+            from_b.append(True)
+        else:
+            scores[j] = max(scores[j], score)
+            from_b[j] = True
+        where[i] = j
+    device = a.tokens.device
+    merged = Tree(torch.tensor(tokens, device=device), torch.tensor(parents, device=device),
+                  torch.tensor(depths, device=device), torch.tensor(scores, device=device))
+    return merged, torch.tensor(from_b, device=device)
+
+
 def map_tokens(tree: Tree, vocab: torch.Tensor) -> Tree:
     """Draft-vocabulary indices -> target token ids for every node but the root."""
     tokens = torch.cat([tree.tokens[:1], vocab[tree.tokens[1:]]])

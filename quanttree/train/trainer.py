@@ -42,6 +42,7 @@ class TrainConfig:
     gamma: float = 7.0
     distill: float = 0.0  # weight of the soft-label loss (target's top-k distribution); 1 - distill on hard labels
     init: str = "target"  # "target": copies of the target's last layers; "random"
+    fc_init: str = "normal"  # "scaled": fc columns divided by each feature dim's spread (massive activations)
     max_seq_len: int = 640
     ckpt_every: int = 50
     eval_every: int = 200
@@ -209,6 +210,8 @@ class Trainer:
         if missing:
             raise ValueError(f"the drafter reads target layers {missing} that the feature cache lacks "
                              f"(it has {list(cache.layers)}): rebuild the cache with those layers")
+        if cfg.fc_init == "scaled" and not cfg.init_from:
+            self.scale_fc_init()
         if self.drafter.config.block_size != cfg.block_size:
             raise ValueError(f"block size {cfg.block_size} differs from the drafter's "
                              f"{self.drafter.config.block_size}")
@@ -218,6 +221,23 @@ class Trainer:
         self._baselines: dict | None = None
 
     # ------------------------------------------------ pieces
+    @torch.no_grad()
+    def scale_fc_init(self, rows: int = 20000) -> None:
+        """Divide each fc input column by that feature dimension's spread in the cached data.
+        Target hidden states carry a few massive-activation dims (100-400x the median here):
+        with a plain init they drown every other feature in the fused context. The published
+        format is unchanged: the scaling lives in fc's own weights."""
+        layers = self.drafter.config.target_layer_ids
+        sample, n = [], 0
+        for i in self.train_ids:
+            sample.append(self.cache.feature_rows(i, layers).float())
+            n += sample[-1].shape[0]
+            if n >= rows:
+                break
+        spread = torch.cat(sample).std(dim=0).clamp(min=1e-3)  # [k*H]
+        w = self.drafter.fc.weight
+        w.div_(spread[None, :] / spread.median())
+
     def response(self, i: int) -> np.ndarray:
         return self.cache.token_ids(i)[int(self.cache.prompt_lens[i]):].numpy()
 
