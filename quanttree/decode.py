@@ -16,14 +16,15 @@ from . import kvcache
 from .drafter import DFlashDrafter
 from .errors import QuanttreeError
 from .kvcache import ContextKV
+from .lookup import NgramIndex, lookup_tree
 from .policy import ADAPTIVE_METHODS, TreeSizer, prune
 from .sampling import SamplingParams, make_generator, select_tokens
 from .target import Target
 from .tree import Tree, build_branch_tree, build_chain, build_tree, compile_tree, map_tokens, \
     rejection_boundaries, root_only, walk
 
-DRAFT_METHODS = ("dflash", "ddtree", "d2sd") + ADAPTIVE_METHODS
-METHODS = ("ar",) + DRAFT_METHODS
+DRAFT_METHODS = ("dflash", "ddtree", "d2sd") + ADAPTIVE_METHODS  # need a DFlash drafter
+METHODS = ("ar", "lookup") + DRAFT_METHODS
 TREE_METHODS = ("ddtree", "d2sd")  # always verify trees; the adaptive methods size chains where trees can't run
 
 
@@ -147,8 +148,16 @@ class DraftContext:
 
 def propose(method: str, draft: DraftContext | None, root: int, start: int, cfg: DecodeConfig,
             clock: Clock, times: PhaseTimes, sizer: TreeSizer | None = None,
-            second: DraftContext | None = None, chain_only: bool = False) -> Tree:
+            second: DraftContext | None = None, chain_only: bool = False,
+            index: NgramIndex | None = None) -> Tree:
     """Draft and shape the tree to verify this round (a chain when the target allows no tree)."""
+    if method == "lookup":  # n-gram continuations of the prompt and the answer so far
+        t0 = clock()
+        tree = lookup_tree(index.continuations(depth=cfg.budget), root, cfg.budget)
+        if chain_only:
+            tree = prune_to_chain(tree)
+        times.build += clock() - t0
+        return tree
     if method == "ar" or draft is None or (sizer is not None and not sizer.should_draft(start)):
         return root_only(root)
     t0 = clock()
@@ -170,6 +179,20 @@ def propose(method: str, draft: DraftContext | None, root: int, start: int, cfg:
     times.draft += t1 - t0
     times.build += clock() - t1
     return tree
+
+
+def prune_to_chain(tree: Tree) -> Tree:
+    """The tree's first branch (node 1 and its first children down): what a target that can
+    verify only chains (recurrent layers) can take from a tree."""
+    keep, node = [0], 0
+    for i in range(1, tree.size + 1):
+        if int(tree.parents[i]) == node:
+            keep.append(i)
+            node = i
+    idx = torch.tensor(keep, device=tree.tokens.device)
+    n = idx.numel()
+    return Tree(tree.tokens[idx], torch.arange(-1, n - 1, device=idx.device), torch.arange(n, device=idx.device),
+                tree.scores[idx])
 
 
 def replay(target: Target, cache, saved: list[dict], path_tokens: torch.Tensor, start: int) -> None:
@@ -199,14 +222,15 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
     vp_drafter: D2SD's variable-prefix drafter (d2sd without it re-drafts with `drafter`)."""
     if cfg.method not in METHODS:
         raise QuanttreeError(f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")
-    if cfg.method != "ar" and drafter is None:
+    if cfg.method in DRAFT_METHODS and drafter is None:
         raise QuanttreeError(f"method {cfg.method!r} needs a drafter: load(..., drafter=PATH) or use method='ar'")
     if cfg.method in ADAPTIVE_METHODS and sizer is None:
         raise QuanttreeError(f"method {cfg.method!r} needs a cost model: use Engine.generate, which calibrates one")
     device = target.device
     clock = Clock(device)
     gen = make_generator(cfg.sampling, device)
-    layers = tuple(drafter.config.target_layer_ids) if cfg.method != "ar" else ()
+    layers = tuple(drafter.config.target_layer_ids) if cfg.method in DRAFT_METHODS else ()
+    index = NgramIndex() if cfg.method == "lookup" else None
     draft = DraftContext(drafter, target) if layers else None
     second = DraftContext(vp_drafter, target) if layers and cfg.method == "d2sd" and vp_drafter else None
     cache = kvcache.new_target_cache(target.model)
@@ -230,6 +254,8 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
             ctx.commit(out.features, torch.arange(len(prompt_ids), device=device))
             ctx.absorb()
     tokens, finished = finish([root], 0, cfg)
+    if index is not None:
+        index.extend(prompt_ids + [root])
     t1 = clock()
     yield Step(tokens=tokens, prefill=True, seconds=t1 - t0, finished=finished,
                times=PhaseTimes(verify=t1 - t0))
@@ -237,7 +263,8 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
     while finished is None:
         t0 = clock()
         times = PhaseTimes()
-        tree = propose(cfg.method, draft, root, start, cfg, clock, times, sizer, second, chain_only=recurrent)
+        tree = propose(cfg.method, draft, root, start, cfg, clock, times, sizer, second, chain_only=recurrent,
+                       index=index)
         inputs = compile_tree(tree, start, target.dtype)
         t1 = clock()
         saved = kvcache.snapshot(cache) if recurrent and tree.size else None
@@ -255,6 +282,8 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
             if ctx is not None:
                 ctx.commit(out.features[accepted.path], start + torch.arange(accepted.path.numel(), device=device))
         new = tree.tokens[accepted.path[1:]].tolist() + [accepted.bonus]
+        if index is not None:
+            index.extend(new)
         tokens, finished = finish(new, produced, cfg)
         t3 = clock()
         times.walk += t3 - t2

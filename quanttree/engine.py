@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .decode import METHODS, DecodeConfig, PhaseTimes, Step, decode
+from .decode import DRAFT_METHODS, METHODS, DecodeConfig, PhaseTimes, Step, decode
 from .drafter import DFlashDrafter, build_drafter, check_fits_target, drafter_identity, quantize_linears, \
     read_draft_vocab, read_drafter, resolve_drafter_dir
 from .costmodel import CostModel, learned_path, measure_profile, profile_key, profile_path
@@ -230,7 +230,7 @@ class Engine:
             budget = {"d2sd": D2SD_UNTRIMMED}.get(method, DEFAULT_CAP if method in ADAPTIVE_METHODS else DEFAULT_BUDGET)
         if method not in METHODS:
             raise QuanttreeError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-        if method != "ar" and self.drafter is None:
+        if method in DRAFT_METHODS and self.drafter is None:
             raise QuanttreeError(f"method {method!r} needs a drafter: quanttree.load(..., drafter=PATH)")
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
             raise QuanttreeError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")

@@ -14,17 +14,18 @@ import quanttree
 from quanttree import QuanttreeError, kvcache
 from quanttree.costmodel import CostModel, CostProfile
 from quanttree.decode import DraftContext
+from quanttree.lookup import Continuation, NgramIndex
 from quanttree.tree import sliding_window_mask
 
 from helpers import ARCHITECTURES, Oracle, make_tiny_drafter, make_tiny_target
 
 PROMPT = "the quick brown fox jumps over the lazy dog and runs far away into the dark green forest"
 EXACT = {  # method -> allowed on the architecture (False: refused with a QuanttreeError)
-    "llama": {"dflash": True, "ddtree": True, "d2sd": True},
-    "qwen3": {"dflash": True, "ddtree": True, "d2sd": True},
-    "qwen3_moe": {"dflash": True, "ddtree": True, "d2sd": True},
-    "gpt_oss": {"dflash": True, "ddtree": True, "d2sd": True},
-    "qwen3_5": {"dflash": True, "ddtree": False, "d2sd": False},
+    "llama": {"dflash": True, "ddtree": True, "d2sd": True, "lookup": True},
+    "qwen3": {"dflash": True, "ddtree": True, "d2sd": True, "lookup": True},
+    "qwen3_moe": {"dflash": True, "ddtree": True, "d2sd": True, "lookup": True},
+    "gpt_oss": {"dflash": True, "ddtree": True, "d2sd": True, "lookup": True},
+    "qwen3_5": {"dflash": True, "ddtree": False, "d2sd": False, "lookup": True},  # lookup: chains
 }
 
 
@@ -54,7 +55,7 @@ def test_plain_decoding_equals_transformers_generate(arch_dirs, kind):
 
 
 @pytest.mark.parametrize("kind", ARCHITECTURES)
-@pytest.mark.parametrize("method", ["dflash", "ddtree", "d2sd"])
+@pytest.mark.parametrize("method", ["dflash", "ddtree", "d2sd", "lookup"])
 def test_speculation_is_exact_or_refused(arch_dirs, kind, method, monkeypatch):
     engine = engine_for(arch_dirs, kind)
     ar = engine.generate(PROMPT, method="ar", max_new_tokens=40, chat=False)
@@ -65,6 +66,19 @@ def test_speculation_is_exact_or_refused(arch_dirs, kind, method, monkeypatch):
     # a random drafter (nothing accepted) first, then an oracle (deep acceptance)
     assert engine.generate(PROMPT, method=method, budget=16, max_new_tokens=40, chat=False).token_ids == \
         ar.token_ids
+    if method == "lookup":  # n-gram drafts need no drafter: a target without one speculates too
+        plain = quanttree.load(str(arch_dirs[kind][0]), drafter=None, quant="fp32", device="cpu")
+        reference = engine.encode(PROMPT, chat=False) + ar.token_ids
+
+        def oracle_continuations(index, depth, limit=8):  # the true continuation, and a wrong branch
+            nxt = tuple(reference[len(index.tokens):len(index.tokens) + depth])
+            wrong = tuple((t + 1) % 1000 for t in nxt[:3])
+            return [Continuation(nxt, 2, 2), Continuation(wrong, 1, 2)] if nxt else []
+
+        monkeypatch.setattr(NgramIndex, "continuations", oracle_continuations)
+        out = plain.generate(PROMPT, method="lookup", budget=8, max_new_tokens=40, chat=False)
+        assert out.token_ids == ar.token_ids and out.stats.tau > 2.0
+        return
     oracle = Oracle(engine.encode(PROMPT, chat=False) + ar.token_ids, engine.target.vocab_size)
     monkeypatch.setattr(DraftContext, "log_probs", lambda self, root, start: oracle.log_probs(self, root, start))
     out = engine.generate(PROMPT, method=method, budget=16, max_new_tokens=40, chat=False)

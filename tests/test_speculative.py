@@ -214,6 +214,7 @@ def small_vocab_engine(tmp_path_factory):
     ("ddtree", SamplingParams(temperature=1.0, seed=11)),
     ("dflash", SamplingParams(temperature=0.7, seed=12)),
     ("d2sd", SamplingParams(temperature=1.0, seed=14)),
+    ("lookup", SamplingParams(temperature=1.0, seed=15)),
     ("ddtree", SamplingParams(temperature=1.0, top_k=4, top_p=0.9, seed=13)),
 ])
 def test_sampling_is_lossless(small_vocab_engine, method, params):
@@ -250,3 +251,14 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, float,
     limit = dof + 4.0 * (2 * dof) ** 0.5  # mean + ~3.1 sd: about the 0.999 quantile for these dof
     tv = 0.5 * float((counts / draws - probs).abs().sum())
     return chi2, limit, tv
+
+
+def test_lookup_on_embedded_model_copies_and_stays_exact(embedded_engine):
+    """n-gram lookup with no drafter at all, on the real model: an answer that copies its prompt
+    is drafted from it (tokens accepted), and the output is plain greedy decoding's."""
+    prompt = ("Repeat this Python function exactly, then stop.\n"
+              "def add_numbers(first_value, second_value):\n    return first_value + second_value\n")
+    ar = embedded_engine.generate(prompt, method="ar", max_new_tokens=40)
+    out = embedded_engine.generate(prompt, method="lookup", budget=8, max_new_tokens=40)
+    assert out.token_ids == ar.token_ids
+    assert out.stats.accepted > 0 and out.stats.tau > 1.2
