@@ -15,7 +15,7 @@ from typing import Iterator
 
 import quanttree
 from quanttree import QuanttreeError
-from quanttree.decode import METHODS
+from quanttree.decode import DRAFT_METHODS, METHODS
 from quanttree.models import DEFAULT_TARGET, QUANT_MODES
 
 MAX_NEW_TOKENS_CAP = 512
@@ -156,8 +156,9 @@ def compare(cache: EngineCache, prompt: str, max_new_tokens: int, temperature: f
     if progress is not None:
         progress(0.1, desc=f"loading the model in {quant} (first time only)…")
     engine = cache.get(quant, drafter_quant, log)
-    if engine.drafter is None and method != "ar":
-        raise QuanttreeError("no drafter is loaded for this target, so only plain decoding can run")
+    if engine.drafter is None and method in DRAFT_METHODS:
+        raise QuanttreeError(f"no drafter is loaded for this target: {method} needs one; 'lookup' (n-gram drafts "
+                             "from the prompt and the answer) needs none")
     if method in ("caddtree", "bastion", "auto") and not engine.calibrated and progress is not None:
         progress(0.6, desc="measuring this machine's verify cost and the drafter's acceptance once (cached)…")
         engine.cost_model(progress=False)

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from .decode import DRAFT_METHODS
 from .errors import QuanttreeError
 
 REPO = Path(__file__).resolve().parents[1]
-OUR_METHODS = ("ar", "dflash", "ddtree", "caddtree", "bastion", "auto", "d2sd")
+OUR_METHODS = ("ar", "lookup", "dflash", "ddtree", "caddtree", "bastion", "auto", "d2sd")
 # bench-only variants of our methods: d2sd re-drafting with the DFlash weights (no VP drafter), and
 # ddtree at the default budget with the drafter quantized like a 4/8-bit target (by default the
 # drafter only follows the target's compute dtype): the acceptance lost to quantizing the drafter,
@@ -227,9 +228,9 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
                 ar = run_ours(engine, prompt, "ar", 1, cfg.max_new_tokens)
                 batch.append(_row(quant, suite, index, prompt, "ar", 0, ar, ar, weights_mb, rep))
                 for method in cfg.methods:
-                    if method == "ar" or (method in OUR_METHODS and engine.drafter is None):
+                    if method == "ar" or (method in DRAFT_METHODS and engine.drafter is None):
                         continue
-                    budgets = {"ddtree": cfg.budgets, "d2sd": (max(cfg.budgets),),
+                    budgets = {"ddtree": cfg.budgets, "lookup": (DEFAULT_BUDGET,), "d2sd": (max(cfg.budgets),),
                                "d2sd_dflash": (max(cfg.budgets),), "ddtree_quant_drafter": (DEFAULT_BUDGET,),
                                **{m: (DEFAULT_CAP,) for m in ADAPTIVE_METHODS}}.get(method, (None,))
                     for budget in budgets:  # d2sd: trimmed to the largest budget; None: the method's default
