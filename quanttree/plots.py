@@ -28,3 +28,33 @@ def plot_verify_costs(profiles: dict, out: str | Path) -> Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def plot_learning_curve(records: list[dict], out: str | Path, title: str = "drafter training") -> Path:
+    """Held-out slot-1 accuracy and teacher-forced chain tau against training steps, with the
+    n-gram baselines a drafter must beat."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = sorted((r for r in records if "slot1" in r), key=lambda r: r["step"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    steps = [r["step"] for r in records]
+    left.plot(steps, [r["slot1"] for r in records], marker=".", label="drafter")
+    for key, style in (("bigram_slot1", "--"), ("trigram_slot1", "-."), ("lookup_slot1", ":")):
+        if records and key in records[-1]:
+            left.axhline(records[-1][key], color="gray", ls=style, lw=1, label=key.replace("_slot1", " table"))
+    right.plot(steps, [r["chain_tau"] for r in records], marker=".", color="C1")
+    left.set_title("held-out slot-1 accuracy (first drafted token)")
+    right.set_title("held-out teacher-forced chain tau")
+    for ax in (left, right):
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import QuanttreeError
@@ -132,6 +132,13 @@ def run_train_stage(engine, paths: TrainPaths, cfg, out: Path, minutes: float | 
     trainer.train(minutes)
     exported = trainer.export(out, for_engines=for_engines)
     (Path(out) / "training.json").write_text(json.dumps(
-        {"step": trainer.step, "sequences": len(cache), "last_eval": trainer.evaluate()}, indent=2))
+        {"step": trainer.step, "minutes": round(trainer.minutes, 1), "sequences": len(cache),
+         "config": asdict(cfg), "last_eval": trainer.evaluate(), "history": trainer.history}, indent=2))
+    try:  # the learning curve beside the weights (matplotlib is in the `plots` extra)
+        from ..plots import plot_learning_curve
+
+        plot_learning_curve(trainer.history, Path(out) / "learning_curve.png")
+    except ImportError:
+        log("matplotlib is not installed: no learning-curve plot (pip install matplotlib)")
     log(f"exported drafter at step {trainer.step} to {out}")
     return exported

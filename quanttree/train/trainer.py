@@ -218,6 +218,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.drafter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      betas=(0.9, 0.95))
         self.step, self.minutes = 0, 0.0
+        self.history: list[dict] = []  # every evaluation of this run (kept in checkpoints)
         self._baselines: dict | None = None
 
     # ------------------------------------------------ pieces
@@ -371,6 +372,7 @@ class Trainer:
     def report(self, result: dict) -> None:
         """Log an evaluation; a drafter that does not beat the bigram table on slot 1 is broken."""
         self.log("eval " + json.dumps(result))
+        self.history.append(result)
         if "slot1" in result and result["slot1"] <= result.get("bigram_slot1", 0.0):
             self.log(f"WARNING: drafter BROKEN at step {self.step}: slot-1 accuracy {result['slot1']} does not "
                      f"beat a bigram table ({result['bigram_slot1']}) that never sees the target")
@@ -454,7 +456,7 @@ class Trainer:
                 for key, value in self.opt.state.get(p, {}).items():
                     opt_tensors[f"{names[id(p)]}::{key}"] = torch.as_tensor(value).clone().contiguous()
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        meta = {"step": self.step, "minutes": self.minutes, "config": asdict(self.cfg),
+        meta = {"step": self.step, "minutes": self.minutes, "history": self.history, "config": asdict(self.cfg),
                 "drafter": self.drafter.config.to_json()}
         (tmp / "state.json").write_text(json.dumps(meta, indent=2))
         if self.vocab is not None:
@@ -483,6 +485,7 @@ class Trainer:
             name, field = key.split("::")
             self.opt.state[params[name]][field] = value
         self.step, self.minutes = int(meta["step"]), float(meta.get("minutes", 0.0))
+        self.history = list(meta.get("history", []))
         self.log(f"resumed from {ckpt} at step {self.step}")
         return True
 
