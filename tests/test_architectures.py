@@ -127,6 +127,11 @@ def test_sliding_window_mask_hides_keys_outside_the_window():
     positions = torch.tensor([[4, 5, 5]])
     out = sliding_window_mask(mask, positions, window=3)[0, 0]
     visible = out == 0
-    # node at position 4 sees keys at positions 2, 3 (cached) and itself; 5 sees 3, 4 and the tree at 4, 5
-    assert visible[0].tolist() == [False, False, True, True, True, False, False]
+    # the window hides keys at positions <= p - 3; which tree columns a node sees is the ancestor
+    # mask's business (all visible in this hand-made mask)
+    assert visible[0].tolist() == [False, False, True, True, True, True, True]
     assert visible[1].tolist() == [False, False, False, True, True, True, True]
+    ancestors = torch.zeros(1, 1, 3, 7)
+    ancestors[0, 0, 0, 5:] = float("-inf")  # node 0 (position 4) does not see its two children
+    assert (sliding_window_mask(ancestors, positions, 3)[0, 0, 0] == 0).tolist() == \
+        [False, False, True, True, True, False, False]
