@@ -186,6 +186,7 @@ class Trainer:
         self.train_ids, self.held_ids = split_indices(cache.pool_index[:len(cache)])
         if not self.train_ids:
             raise ValueError("no training sequences")
+        torch.manual_seed(cfg.seed)  # the drafter's initialisation depends only on the config
         if cfg.init_from:
             self.drafter, vocab = start_from_drafter(Path(cfg.init_from), target)
             self.use_vocab(vocab)
