@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import QuanttreeError
+from .kvcache import crop, has_recurrent_state
 from .tree import sliding_window_mask
 
 
@@ -20,8 +21,10 @@ class TargetOutput:
 class Target:
     """A loaded causal LM; never patched, only called through model(...)."""
 
-    def __init__(self, model):
+    def __init__(self, model, exact: bool = False):
         self.model = model
+        self.exact = False
+        self._attn_default = getattr(model.config, "_attn_implementation", None)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.config = config
         self.device = model.get_input_embeddings().weight.device
@@ -37,6 +40,23 @@ class Target:
             if getattr(config, "use_sliding_window", True) is not False else None
         self._captured: dict[int, torch.Tensor] = {}
         self._hooks: dict[int, object] = {}
+        if exact:
+            self.set_exact(True)
+
+    def set_exact(self, on: bool) -> None:
+        """Exact mode: every token's numbers are the same whether it is decoded alone or verified
+        in a tree (row-exact attention, and no forward after the prompt runs on a single row:
+        one-row matmuls take a different kernel than many-row ones). See quanttree/exact.py."""
+        from .exact import NAME, use_exact_attention
+
+        if on:
+            if not use_exact_attention(self.model):
+                raise QuanttreeError(f"{type(self.model).__name__} does not take a pluggable attention function "
+                                     "(transformers' AttentionInterface), so exact mode cannot run on it: "
+                                     "load it with exact=False")
+        elif getattr(self.model.config, "_attn_implementation", None) == NAME:
+            self.model.set_attn_implementation(self._attn_default or "sdpa")
+        self.exact = on
 
     def _capture(self, layer_ids: tuple[int, ...]) -> None:
         """Keep the outputs of these layers on every forward: hidden_states[i + 1] in
@@ -79,6 +99,11 @@ class Target:
         ids whose outputs become drafter features (id i = hidden_states[i + 1]).
         """
         self._capture(feature_layers)
+        n = input_ids.shape[-1]
+        padded = self.exact and n == 1 and cache.get_seq_length() > 0 and not has_recurrent_state(cache)
+        if padded:
+            input_ids, position_ids, attention_mask = pad_one_row(input_ids, position_ids, attention_mask,
+                                                                  cache.get_seq_length(), self.dtype)
         if attention_mask is not None:
             attention_mask = self.layer_masks(attention_mask, position_ids)
         out = self.model(
@@ -92,6 +117,9 @@ class Target:
         features = None
         if feature_layers:
             features = torch.cat([self._captured.pop(i)[0].to(self.device) for i in feature_layers], dim=-1)
+        if padded:  # drop the padding row's outputs and its cache entry
+            crop(cache, cache.get_seq_length() - 1)
+            return TargetOutput(logits=out.logits[0, :1], features=None if features is None else features[:1])
         return TargetOutput(logits=out.logits[0], features=features)
 
     def layer_masks(self, mask: torch.Tensor, position_ids: torch.Tensor):
@@ -119,3 +147,16 @@ class Target:
         out = self.model(input_ids=ids, use_cache=False)
         features = torch.cat([self._captured.pop(i).to(self.device) for i in feature_layers], dim=-1)
         return out.logits, features
+
+
+def pad_one_row(input_ids, position_ids, mask, past: int, dtype):
+    """A one-token forward as two rows: the token, then a padding row that attends to nothing
+    and that nothing attends to (exact mode: a one-row matmul takes a gemv kernel whose sums
+    differ from the many-row kernel's; two rows take the many-row one, at the same cost)."""
+    blocked = torch.finfo(dtype).min
+    full = torch.zeros(1, 1, 2, past + 2, dtype=dtype, device=input_ids.device)
+    if mask is not None:
+        full[..., :1, :past + 1] = mask.to(device=full.device, dtype=dtype)
+    full[..., 0, past + 1] = blocked
+    full[..., 1, :] = blocked
+    return torch.cat([input_ids, input_ids], -1), torch.cat([position_ids, position_ids], -1), full

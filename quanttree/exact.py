@@ -1,0 +1,190 @@
+"""Row-exact attention: the same numbers for a token whether it is decoded alone or verified
+inside a tree.
+
+A bf16 `scaled_dot_product_attention` over 16 queries and a tree mask gives a query row that can
+differ by one ulp from the same query computed alone (kernels block and vectorise by the query
+count and the key count, masked keys sit between visible ones, and transformers packs GQA heads
+differently for a single query). One ulp is enough to flip a near-tie, so greedy speculation
+leaves plain decoding's path. Every other op of a decoder layer (linears, RMSNorm, rotary, the
+MLP, the lm_head) computes each row on its own on the devices we test (tests/test_exact.py checks
+it), so attention is the one op to fix.
+
+`exact_attention` is registered through transformers' public AttentionInterface. Any forward
+that continues a cache computes each query row as one-token decoding would: its visible keys
+gathered in order (the prompt, then its ancestors: exactly the cache plain decoding would hold)
+and one single-query call of the same kernel. A forward over an empty cache (the prompt's
+prefill, training features) is the same for every method and runs batched.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "quanttree_exact"
+_registered = False
+
+
+def register() -> str:
+    """Make `NAME` a transformers attention implementation (idempotent); return the name."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(NAME, exact_attention)
+        AttentionMaskInterface.register(NAME, sdpa_mask)
+        _registered = True
+    return NAME
+
+
+def use_exact_attention(model) -> bool:
+    """Switch a loaded model to row-exact attention; False when its attention is not pluggable
+    (then it keeps its own, and greedy speculation may differ at near-ties)."""
+    register()
+    if getattr(model.config, "_attn_implementation", None) == NAME:
+        return True
+    if not getattr(model, "_supports_attention_backend", False):
+        return False
+    model.set_attn_implementation(NAME)
+    return getattr(model.config, "_attn_implementation", None) == NAME
+
+
+def exact_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query [B, Hq, Q, D], key/value [B, Hkv, K, D] (the cache's own tensors), mask None
+    (causal) or [B|1, 1, Q, K] (bool: True attends; float: 0 attends). -> ([B, Q, Hq, D], None)."""
+    sinks = getattr(module, "sinks", None)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    batch, q_len, kv_len = query.shape[0], query.shape[2], key.shape[2]
+    if q_len == kv_len:  # nothing cached before: a prefill, identical for every method
+        if attention_mask is None and sinks is None:
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                                 enable_gqa=query.shape[1] != key.shape[1])
+        else:
+            out = _attend(query, key, value, _causal_or(attention_mask, q_len, kv_len, query.device), scaling, sinks)
+        return out.transpose(1, 2).contiguous(), None
+    outs = []
+    for b in range(batch):
+        plan = row_plan(attention_mask, b, q_len, kv_len, query.device)
+        outs.append(_rows(query[b:b + 1], key[b:b + 1], value[b:b + 1], plan, scaling, sinks))
+    out = outs[0] if batch == 1 else torch.cat(outs)
+    return out.transpose(1, 2).contiguous(), None
+
+
+class RowPlan:
+    """How to give each query row exactly its visible keys, in order, as a prefix of the cache.
+
+    Row i attends to `lengths[i]` keys. When its visible keys are not already the cache's first
+    lengths[i] slots (a tree node sees the prompt, then its ancestors, with other branches in
+    between), `moves[i]` = (slots, sources): copy the keys at `sources` into `slots` before
+    computing it. Slots at and after `base` are saved first and restored after the last row."""
+
+    def __init__(self, lengths: list[int], moves: list, base: int):
+        self.lengths, self.moves, self.base = lengths, moves, base
+
+
+def row_plan(mask, b: int, q_len: int, kv_len: int, device) -> RowPlan:
+    """The RowPlan of batch row b (computed once per mask, shared by every layer using it)."""
+    key = (id(mask), b, q_len, kv_len)
+    hit = _plans.get(key)
+    if hit is not None and hit[0] is mask:
+        return hit[1]
+    if mask is None:
+        offset = kv_len - q_len
+        plan = RowPlan([offset + i + 1 for i in range(q_len)], [None] * q_len, kv_len)
+    else:
+        if mask.dim() != 4 or mask.shape[1] != 1:
+            raise ValueError(f"row-exact attention expects a [B, 1, Q, K] mask, got {tuple(mask.shape)}")
+        visible = mask if mask.dtype == torch.bool else mask == 0
+        plan = _plan_rows(visible[min(b, mask.shape[0] - 1), 0, :, -kv_len:].cpu(), device)
+    if len(_plans) >= 8:
+        _plans.pop(next(iter(_plans)))
+    _plans[key] = (mask, plan)
+    return plan
+
+
+_plans: dict = {}
+
+
+def _plan_rows(visible: torch.Tensor, device) -> RowPlan:
+    """visible [Q, K] bool -> the RowPlan, tracking which original key each slot holds."""
+    q_len, kv_len = visible.shape
+    holds = list(range(kv_len))  # holds[s]: the original key now in slot s
+    lengths, moves, base = [], [], kv_len
+    for i in range(q_len):
+        idx = visible[i].nonzero().squeeze(1).tolist()
+        slots = [s for s, k in enumerate(idx) if holds[s] != k]
+        lengths.append(len(idx))
+        if not slots:
+            moves.append(None)
+            continue
+        sources = [idx[s] for s in slots]
+        for s, k in zip(slots, sources):
+            holds[s] = k
+        base = min(base, slots[0], min(sources))
+        moves.append((torch.tensor(slots, device=device), torch.tensor(sources, device=device)))
+    return RowPlan(lengths, moves, base)
+
+
+def _rows(query, key, value, plan: RowPlan, scaling: float, sinks):
+    """Each query row [1, Hq, 1, D] against the first lengths[i] slots of key/value [1, Hkv, K, D],
+    rearranged per the plan (in place, restored at the end)."""
+    kv_len = key.shape[2]
+    saved = None
+    if plan.base < kv_len:
+        saved = key[:, :, plan.base:].clone(), value[:, :, plan.base:].clone()
+    try:
+        outs = []
+        for i, n in enumerate(plan.lengths):
+            if plan.moves[i] is not None:
+                slots, sources = plan.moves[i]
+                key.index_copy_(2, slots, saved[0].index_select(2, sources - plan.base))
+                value.index_copy_(2, slots, saved[1].index_select(2, sources - plan.base))
+            if n == 0:  # a padding row that attends to nothing (see Target.forward)
+                outs.append(torch.zeros_like(query[:, :, i:i + 1]))
+                continue
+            k, v = (key, value) if n == kv_len else (key[:, :, :n], value[:, :, :n])
+            outs.append(_one_query(query[:, :, i:i + 1], k, v, scaling, sinks))
+    finally:
+        if saved is not None:
+            key[:, :, plan.base:] = saved[0]
+            value[:, :, plan.base:] = saved[1]
+    return torch.cat(outs, dim=2)
+
+
+def _one_query(q, k, v, scaling: float, sinks):
+    """One query [1, Hq, 1, D] over its keys: the query heads sharing a key head go in as that
+    head's queries (no repeated keys), as transformers runs one-token decoding."""
+    heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[-1]
+    packed = q.reshape(1, kv_heads, heads // kv_heads, dim).contiguous()
+    if sinks is None:
+        out = F.scaled_dot_product_attention(packed, k, v, scale=scaling)
+    else:
+        out = _attend(packed, k, v, None, scaling, sinks.reshape(1, kv_heads, heads // kv_heads, 1))
+    return out.reshape(1, heads, 1, dim)
+
+
+def _causal_or(mask, q_len: int, kv_len: int, device):
+    if mask is not None:
+        return mask
+    return torch.ones(q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)[None, None]
+
+
+def _attend(q, k, v, mask, scaling: float, sinks):
+    """Batched attention: SDPA, or the softmax-with-sink eager form where the model has sinks
+    (sinks [Hq], or already shaped to broadcast over the scores' [.., Q, 1])."""
+    groups = q.shape[1] // k.shape[1]
+    if sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scaling
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    if sinks.dim() == 1:
+        sinks = sinks.reshape(1, -1, 1, 1)
+    sink = sinks.to(scores.dtype).expand(*scores.shape[:-1], 1)
+    logits = torch.cat([scores, sink], dim=-1)
+    probs = F.softmax(logits - logits.max(dim=-1, keepdim=True).values, dim=-1, dtype=logits.dtype)
+    return torch.matmul(probs[..., :-1].to(v.dtype), v)
