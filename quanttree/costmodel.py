@@ -279,7 +279,8 @@ def profile_key(engine) -> dict:
 
     return {"model": engine.loaded.path, "quant": engine.quant,
             "drafter": getattr(engine.drafter, "identity", None), "drafter_quant": engine.drafter_quant,
-            "device": str(engine.device), "threads": __import__("torch").get_num_threads(), **library_versions()}
+            "device": str(engine.device), "threads": __import__("torch").get_num_threads(),
+            "exact": engine.exact, **library_versions()}
 
 
 def profile_path(key: dict) -> Path:

@@ -112,7 +112,7 @@ class Engine:
     """A target (and optional drafter) loaded once and reused across generations."""
 
     def __init__(self, loaded: LoadedTarget, drafter: DFlashDrafter | None = None, drafter_quant: str | None = None,
-                 vp_drafter: DFlashDrafter | None = None):
+                 vp_drafter: DFlashDrafter | None = None, exact: bool | None = None):
         self.loaded = loaded
         self.vp_drafter = vp_drafter
         self.target = Target(loaded.model)
@@ -125,6 +125,26 @@ class Engine:
         self._learned: dict = {}
         self._learned_path: Path | None = None
         self._sizers: dict[tuple[str, int], TreeSizer] = {}
+        self.set_exact(exact)
+
+    @property
+    def exact(self) -> bool:
+        """Whether greedy speculative output is token for token plain decoding's (see set_exact)."""
+        return self.target.exact
+
+    def set_exact(self, exact: bool | None = None) -> None:
+        """Exact mode: a token's numbers do not depend on how many tokens its forward holds, so
+        greedy speculation returns exactly plain decoding's tokens in every dtype, not only where
+        the rounding happens to agree. None = on wherever it can run (not int8, not recurrent
+        targets); True where it cannot raises, saying why. Its verify costs differ, so it has
+        its own cost profile."""
+        reason = exact_unavailable(self)
+        if exact and reason:
+            raise QuanttreeError(f"exact mode is not available here: {reason}")
+        on = bool(exact if exact is not None else not reason)
+        if on != self.target.exact:
+            self.target.set_exact(on)
+            self._cost, self._learned, self._sizers = None, {}, {}
 
     def cost_model(self, progress: bool = True, remeasure: bool = False) -> CostModel:
         """This engine's measured cost model: cached in memory and on disk (keyed by model, drafter,
@@ -418,13 +438,15 @@ def shipped_drafter(target: str, variable_prefix: bool = False) -> str | None:
 
 def load(target: str = DEFAULT_TARGET, drafter: str | None = "auto", quant: str = "auto",
          drafter_quant: str | None = None, device: str | None = None, device_map: str | dict | None = None,
-         vp_drafter: str | None = "auto", log=print) -> Engine:
+         vp_drafter: str | None = "auto", exact: bool | None = None, log=print) -> Engine:
     """Load a target (and DFlash drafters) once; reuse the Engine across calls.
 
     drafter: a drafter dir or hub id; "auto" = the drafter shipped for an embedded target (none
     otherwise); None = no drafter (plain decoding only). vp_drafter: D2SD's variable-prefix
     drafter, same forms ("auto" = the shipped one, only beside the shipped drafter); without one,
-    d2sd re-drafts its branches with `drafter`.
+    d2sd re-drafts its branches with `drafter`. exact: greedy speculation returns exactly plain
+    decoding's tokens (None = wherever possible: every mode but int8, targets without recurrent
+    layers; see Engine.set_exact).
     """
     loaded = load_target(target, quant, device, device_map, log)
     if vp_drafter == "auto":  # the shipped VP drafter pairs with the shipped DFlash drafter only
@@ -432,14 +454,31 @@ def load(target: str = DEFAULT_TARGET, drafter: str | None = "auto", quant: str 
     if drafter == "auto":
         drafter = shipped_drafter(target)
     if drafter is None:
-        return Engine(loaded)
+        return Engine(loaded, exact=exact)
     target_view = Target(loaded.model)
     model, mode = load_drafter(drafter, target_view, drafter_quant)
     vp_model = None
     if vp_drafter is not None:
         vp_model, _ = load_drafter(vp_drafter, target_view, drafter_quant)
         check_same_features(model, vp_model)
-    return Engine(loaded, model, mode, vp_model)
+    return Engine(loaded, model, mode, vp_model, exact=exact)
+
+
+def exact_unavailable(engine: Engine) -> str | None:
+    """Why exact mode cannot run on this engine's target, or None."""
+    from . import kvcache
+    from .exact import supports_exact_attention
+
+    if engine.quant == "int8":
+        return ("int8 (LLM.int8) picks its outlier columns from all the rows of a forward, so a token's numbers "
+                "depend on the tree verified with it; use nf4, fp4, bf16 or fp32")
+    if kvcache.has_recurrent_state(kvcache.new_target_cache(engine.target.model)):
+        return ("this target has recurrent (linear-attention) layers, whose chunked kernels sum differently by "
+                "token count")
+    if not supports_exact_attention(engine.target.model):
+        return (f"{type(engine.target.model).__name__} does not take a pluggable attention function "
+                "(transformers' AttentionInterface)")
+    return None
 
 
 def check_same_features(drafter: DFlashDrafter, vp_drafter: DFlashDrafter) -> None:

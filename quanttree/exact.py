@@ -38,6 +38,12 @@ def register() -> str:
     return NAME
 
 
+def supports_exact_attention(model) -> bool:
+    """Whether the model's attention is pluggable (transformers' AttentionInterface)."""
+    return getattr(model.config, "_attn_implementation", None) == NAME or \
+        bool(getattr(model, "_supports_attention_backend", False))
+
+
 def use_exact_attention(model) -> bool:
     """Switch a loaded model to row-exact attention; False when its attention is not pluggable
     (then it keeps its own, and greedy speculation may differ at near-ties)."""
