@@ -16,6 +16,7 @@ from typing import Iterator
 import quanttree
 from quanttree import QuanttreeError
 from quanttree.decode import DRAFT_METHODS, METHODS
+from quanttree.engine import exact_unavailable
 from quanttree.models import DEFAULT_TARGET, QUANT_MODES
 
 MAX_NEW_TOKENS_CAP = 512
@@ -52,11 +53,14 @@ class PaneState:
     token_ids: list[int] = field(default_factory=list)
     done: bool = False
     history: list[tuple[float, float]] = field(default_factory=list)  # (elapsed s, tokens/s)
+    by_source: dict[str, list[int]] = field(default_factory=dict)  # origin -> [drafted, accepted]
 
     def stats_line(self, speculative: bool, baseline: float | None = None) -> str:
         line = f"**{self.tps:.1f} tok/s** · {self.tokens} tokens · {self.elapsed:.1f} s"
         if speculative:
             line += f" · tau {self.tau:.2f} · tree {self.tree} nodes"
+            if self.by_source:  # which source proposed the accepted tokens
+                line += " · accepted " + ", ".join(f"{k} {a}/{d}" for k, (d, a) in sorted(self.by_source.items()))
             if baseline:
                 line += f" · **speedup {self.tps / baseline:.2f}x**"
         return line
@@ -74,20 +78,23 @@ def run_pane(engine, prompt: str, method: str, budget: int, max_new_tokens: int,
         state.tokens, state.elapsed = stats.new_tokens, time.perf_counter() - start
         state.tps, state.tau = stats.decode_tokens_per_s, stats.tau
         state.tree = event.step.tree_size
+        state.by_source = {k: list(v) for k, v in stats.by_source.items()}
         state.done = event.finish_reason is not None
         state.history.append((state.elapsed, state.tps))
         yield state, event.step
 
 
-def badge(ar: PaneState, spec: PaneState, temperature: float) -> str:
+def badge(ar: PaneState, spec: PaneState, temperature: float, exact: bool = True) -> str:
     if not (ar.done and spec.done):
         return "⏳ running…"
     if temperature > 0:
         return "🎲 sampling (temperature > 0): outputs differ by design; both follow the model's distribution"
     if ar.token_ids == spec.token_ids:
         return "✅ **identical** outputs: speculation changed the speed, not the answer"
-    return ("⚠️ outputs differ (a near-tie rounded differently in a many-token forward; see the README on "
-            "bf16 and 4/8-bit modes)")
+    if exact:  # exact mode promises identical outputs: a difference is a bug to report
+        return "❌ outputs differ in exact mode: please report this prompt (it is a bug)"
+    return ("⚠️ outputs differ: exact mode is off, so a near-tie rounded differently in a many-token forward "
+            "(see the README on exact mode)")
 
 
 def tree_figure(step, tokenizer):
@@ -146,9 +153,10 @@ def speed_figure(ar: PaneState, spec: PaneState, spec_label: str):
 
 
 def compare(cache: EngineCache, prompt: str, max_new_tokens: int, temperature: float, method: str, budget: int,
-            quant: str, drafter_quant: str, seed: int | None = 0, progress=None) -> Iterator[tuple]:
+            quant: str, drafter_quant: str, seed: int | None = 0, progress=None, exact: bool = True) -> Iterator[tuple]:
     """The whole comparison as a stream of UI updates:
-    (ar_text, ar_stats, spec_text, spec_stats, badge, tree_fig, speed_fig, status)."""
+    (ar_text, ar_stats, spec_text, spec_stats, badge, tree_fig, speed_fig, status).
+    exact: greedy speculation bit-identical to plain decoding (where the mode allows it)."""
     if not prompt or not prompt.strip():
         raise QuanttreeError("the prompt is empty: type a question or an instruction")
     max_new_tokens = int(min(max(int(max_new_tokens), 1), MAX_NEW_TOKENS_CAP))
@@ -156,6 +164,8 @@ def compare(cache: EngineCache, prompt: str, max_new_tokens: int, temperature: f
     if progress is not None:
         progress(0.1, desc=f"loading the model in {quant} (first time only)…")
     engine = cache.get(quant, drafter_quant, log)
+    why_not = exact_unavailable(engine) if exact else None
+    engine.set_exact(bool(exact) and why_not is None)
     if engine.drafter is None and method in DRAFT_METHODS:
         raise QuanttreeError(f"no drafter is loaded for this target: {method} needs one; 'lookup' (n-gram drafts "
                              "from the prompt and the answer) needs none")
@@ -165,6 +175,11 @@ def compare(cache: EngineCache, prompt: str, max_new_tokens: int, temperature: f
     ar, spec = PaneState(), PaneState()
     tree_fig = tree_figure(None, engine.tokenizer)
     status = f"running plain decoding, then **{method}** · {FAIRNESS}"
+    if why_not:
+        status += f" · exact mode is off in {engine.quant}: {why_not}"
+    elif engine.exact and engine.target.min_rows > 2:
+        status += (f" · exact mode runs every forward as at least {engine.target.min_rows} rows in {engine.quant} "
+                   "here (the matmul kernels switch up to that count): untick it for speed")
     last_plot = last_ui = 0.0
     for ar, _ in run_pane(engine, prompt, "ar", budget, max_new_tokens, temperature, seed):
         if not ar.done and time.perf_counter() - last_ui < UI_INTERVAL:
@@ -179,21 +194,24 @@ def compare(cache: EngineCache, prompt: str, max_new_tokens: int, temperature: f
         last_ui = now
         if spec.done or now - last_plot > 0.7:  # redrawing every round would cost more than a round
             tree_fig, last_plot = tree_figure(step, engine.tokenizer), now
-        yield (ar.text, ar.stats_line(False), spec.text, spec.stats_line(True, ar.tps), badge(ar, spec, temperature),
-               tree_fig, speed_figure(ar, spec, method) if spec.done else None, status)
+        yield (ar.text, ar.stats_line(False), spec.text, spec.stats_line(True, ar.tps),
+               badge(ar, spec, temperature, engine.exact), tree_fig,
+               speed_figure(ar, spec, method) if spec.done else None, status)
     done = f"done · plain {ar.tps:.1f} tok/s vs {method} {spec.tps:.1f} tok/s · {FAIRNESS}"
-    yield (ar.text, ar.stats_line(False), spec.text, spec.stats_line(True, ar.tps), badge(ar, spec, temperature),
+    if why_not:
+        done += f" · exact mode is off in {engine.quant}: {why_not}"
+    yield (ar.text, ar.stats_line(False), spec.text, spec.stats_line(True, ar.tps), badge(ar, spec, temperature, engine.exact),
            tree_fig, speed_figure(ar, spec, method), done)
 
 
 def build_app(cache: EngineCache, concurrency: int = 1):
     import gradio as gr
 
-    def handler(prompt, max_new_tokens, temperature, method, budget, quant, drafter_quant,
+    def handler(prompt, max_new_tokens, temperature, method, budget, quant, drafter_quant, exact,
                 progress=gr.Progress()):
         try:
             yield from compare(cache, prompt, max_new_tokens, temperature, method, int(budget), quant,
-                               drafter_quant, 0, progress)
+                               drafter_quant, 0, progress, exact=bool(exact))
         except QuanttreeError as exc:
             raise gr.Error(str(exc)) from exc
 
@@ -213,6 +231,7 @@ def build_app(cache: EngineCache, concurrency: int = 1):
             quant = gr.Dropdown([q for q in QUANT_MODES], value="auto", label="target quant")
             drafter_quant = gr.Dropdown(["same"] + [q for q in QUANT_MODES if q != "auto"], value="same",
                                         label="drafter quant")
+            exact = gr.Checkbox(value=True, label="exact (greedy output bit-identical to plain decoding)")
         status = gr.Markdown()
         badge_box = gr.Markdown()
         with gr.Row():
@@ -228,7 +247,7 @@ def build_app(cache: EngineCache, concurrency: int = 1):
             tree_plot = gr.Plot(label="latest draft tree")
             speed_plot = gr.Plot(label="tokens/s over time")
         outputs = [ar_text, ar_stats, spec_text, spec_stats, badge_box, tree_plot, speed_plot, status]
-        event = run.click(handler, [prompt, max_new, temperature, method, budget, quant, drafter_quant], outputs,
+        event = run.click(handler, [prompt, max_new, temperature, method, budget, quant, drafter_quant, exact], outputs,
                           concurrency_limit=concurrency, api_name="compare")
         stop.click(lambda: "stopped", None, status, cancels=[event])
     demo.queue(default_concurrency_limit=concurrency, max_size=16)

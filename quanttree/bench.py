@@ -44,13 +44,14 @@ class BenchConfig:
     target: str = "smollm2-135m"
     drafter: str | None = "auto"
     out: Path = Path("bench-results")
+    exact: bool | None = None  # None: exact mode wherever it can run (see quanttree.load)
 
 
 def quick(cfg: BenchConfig) -> BenchConfig:
     """A run that finishes in a few minutes on a CPU: 2 prompts, 2 modes, 48 tokens, 2 budgets."""
     return BenchConfig(suite=cfg.suite, quants=cfg.quants[:2], methods=("ar", "ddtree", "auto", "hf_generate"),
                        budgets=(8, 32), prompts=2, max_new_tokens=48, repeats=1, target=cfg.target, drafter=cfg.drafter,
-                       out=cfg.out)
+                       out=cfg.out, exact=cfg.exact)
 
 
 # ---------------------------------------------------------------- prompts
@@ -139,7 +140,7 @@ def run_hf(engine, prompt_ids: list[int], max_new: int, prefill_s: float, **kwar
     """transformers generate (plain, prompt lookup or assisted); decode tok/s excludes prefill."""
     model = engine.target.model
     ids = torch.tensor([prompt_ids], device=engine.device)
-    with PeakRSS(engine.device) as mem:
+    with PeakRSS(engine.device) as mem, engine.target.stock_attention():
         t0 = time.perf_counter()
         out = model.generate(ids, do_sample=False, max_new_tokens=max_new, pad_token_id=engine.tokenizer.eos_token_id,
                              **kwargs)
@@ -179,9 +180,11 @@ def llama_cpp_model(target: str):
 
 def hf_prefill_s(engine, prompt_ids: list[int]) -> float:
     ids = torch.tensor([prompt_ids], device=engine.device)
-    t0 = time.perf_counter()
-    engine.target.model.generate(ids, do_sample=False, max_new_tokens=1, pad_token_id=engine.tokenizer.eos_token_id)
-    return time.perf_counter() - t0
+    with engine.target.stock_attention():
+        t0 = time.perf_counter()
+        engine.target.model.generate(ids, do_sample=False, max_new_tokens=1,
+                                     pad_token_id=engine.tokenizer.eos_token_id)
+        return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------- the run
@@ -207,7 +210,9 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
     for quant in cfg.quants:
         todo = [(i, sp) for i, sp in enumerate(prompts) if (quant, i) not in done]
         needs_profile = any(m in cfg.methods for m in ("caddtree", "bastion", "auto"))
-        engine = load(cfg.target, drafter=cfg.drafter, quant=quant, log=lambda *_: None)
+        engine = load(cfg.target, drafter=cfg.drafter, quant=quant, exact=cfg.exact, log=lambda *_: None)
+        notes.append(f"{engine.quant}: exact mode {'on' if engine.exact else 'off'} (greedy rows must match AR "
+                     f"{'bit for bit' if engine.exact else 'up to near-ties'})")
         weights_mb = engine.target.model.get_memory_footprint() / 2**20  # the target's weights in this mode
         for r in rows:
             if r["quant"] == quant:
@@ -401,7 +406,8 @@ def _ci(summary_row: dict) -> str:
 def command_line(cfg: BenchConfig) -> str:
     return (f"quanttree bench --suite {cfg.suite} --quant {','.join(cfg.quants)} --methods {','.join(cfg.methods)} "
             f"--budgets {','.join(map(str, cfg.budgets))} --prompts {cfg.prompts} "
-            f"--max-new-tokens {cfg.max_new_tokens} --repeats {cfg.repeats} --target {cfg.target} --out {cfg.out}")
+            f"--max-new-tokens {cfg.max_new_tokens} --repeats {cfg.repeats} --target {cfg.target} --out {cfg.out}"
+            + (" --no-exact" if cfg.exact is False else ""))
 
 
 def machine() -> str:

@@ -20,11 +20,13 @@ from .lookup import NgramIndex, lookup_tree
 from .policy import ADAPTIVE_METHODS, TreeSizer, prune
 from .sampling import SamplingParams, make_generator, select_tokens
 from .target import Target
-from .tree import Tree, build_branch_tree, build_chain, build_tree, compile_tree, map_tokens, \
-    rejection_boundaries, root_only, walk
+from .tree import Tree, build_branch_tree, build_chain, build_tree, compile_tree, lookup_source, map_tokens, \
+    merge_trees, rejection_boundaries, root_only, subtree, walk, with_source
 
-DRAFT_METHODS = ("dflash", "ddtree", "d2sd") + ADAPTIVE_METHODS  # need a DFlash drafter
-METHODS = ("ar", "lookup") + DRAFT_METHODS
+DRAFT_METHODS = ("dflash", "ddtree", "d2sd", "caddtree", "bastion")  # need a DFlash drafter
+METHODS = ("ar", "lookup") + DRAFT_METHODS + ("auto",)  # auto: drafter and/or n-gram lookup
+MERGES_LOOKUP = ("auto",)  # methods that merge n-gram drafts into every round's tree
+LOOKUP_DEPTH = 8  # tokens of an n-gram continuation
 TREE_METHODS = ("ddtree", "d2sd")  # always verify trees; the adaptive methods size chains where trees can't run
 
 
@@ -153,13 +155,32 @@ def propose(method: str, draft: DraftContext | None, root: int, start: int, cfg:
     """Draft and shape the tree to verify this round (a chain when the target allows no tree)."""
     if method == "lookup":  # n-gram continuations of the prompt and the answer so far
         t0 = clock()
-        tree = lookup_tree(index.continuations(depth=cfg.budget), root, cfg.budget)
+        found = index.continuations(depth=cfg.budget)
+        tree = lookup_tree(found, root, cfg.budget)
+        if found:
+            tree = with_source(tree, lookup_source(found[0].match_len))
         if chain_only:
             tree = prune_to_chain(tree)
         times.build += clock() - t0
         return tree
-    if method == "ar" or draft is None or (sizer is not None and not sizer.should_draft(start)):
+    if method == "ar":
         return root_only(root)
+    lookup = None
+    if index is not None and method in MERGES_LOOKUP:  # n-gram drafts: microseconds, no model
+        t0 = clock()
+        found = index.continuations(depth=LOOKUP_DEPTH)
+        if found:
+            budget = sizer.build_budget() if sizer is not None else cfg.budget
+            lookup = with_source(lookup_tree(found, root, budget), lookup_source(found[0].match_len))
+            lookup = prune_to_chain(lookup) if chain_only else lookup
+        times.build += clock() - t0
+    if draft is None or (sizer is not None and not sizer.should_draft(start)):
+        if lookup is None or sizer is None or sizer.schedule:  # exploring: a plain round is a plain round
+            return root_only(root)
+        t0 = clock()
+        tree = sizer.choose(lookup, start, drafted=False)  # n-gram nodes cost no drafter pass
+        times.build += clock() - t0
+        return tree
     t0 = clock()
     log_probs = draft.log_probs(root, start)
     if method == "d2sd":  # re-draft from the likely rejection points, with the VP drafter if any
@@ -172,10 +193,13 @@ def propose(method: str, draft: DraftContext | None, root: int, start: int, cfg:
         tree = prune(build_branch_tree(log_probs, branch_lp, prefixes, root), cfg.budget)
     else:
         tree = build_tree(log_probs, root, sizer.build_budget() if sizer is not None else cfg.budget)
-    if sizer is not None:
-        tree = sizer.choose(tree, start)
     if draft.vocab is not None:
         tree = map_tokens(tree, draft.vocab)
+    if lookup is not None:  # one tree: shared prefixes are one node with the better estimate
+        tree, _ = merge_trees(with_source(tree, 0), lookup)
+        tree = prune_to_chain(tree) if chain_only else tree
+    if sizer is not None:
+        tree = sizer.choose(tree, start)
     times.draft += t1 - t0
     times.build += clock() - t1
     return tree
@@ -190,9 +214,7 @@ def prune_to_chain(tree: Tree) -> Tree:
             keep.append(i)
             node = i
     idx = torch.tensor(keep, device=tree.tokens.device)
-    n = idx.numel()
-    return Tree(tree.tokens[idx], torch.arange(-1, n - 1, device=idx.device), torch.arange(n, device=idx.device),
-                tree.scores[idx])
+    return subtree(tree, idx, torch.arange(-1, idx.numel() - 1, device=idx.device))
 
 
 def replay(target: Target, cache, saved: list[dict], path_tokens: torch.Tensor, start: int) -> None:
@@ -223,14 +245,16 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
     if cfg.method not in METHODS:
         raise QuanttreeError(f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")
     if cfg.method in DRAFT_METHODS and drafter is None:
-        raise QuanttreeError(f"method {cfg.method!r} needs a drafter: load(..., drafter=PATH) or use method='ar'")
+        raise QuanttreeError(f"method {cfg.method!r} needs a drafter: load(..., drafter=PATH), or use method='auto' "
+                             "or 'lookup' (n-gram drafts, no drafter) or 'ar'")
     if cfg.method in ADAPTIVE_METHODS and sizer is None:
         raise QuanttreeError(f"method {cfg.method!r} needs a cost model: use Engine.generate, which calibrates one")
     device = target.device
     clock = Clock(device)
     gen = make_generator(cfg.sampling, device)
-    layers = tuple(drafter.config.target_layer_ids) if cfg.method in DRAFT_METHODS else ()
-    index = NgramIndex() if cfg.method == "lookup" else None
+    drafts = drafter is not None and cfg.method not in ("ar", "lookup")
+    layers = tuple(drafter.config.target_layer_ids) if drafts else ()
+    index = NgramIndex() if cfg.method in ("lookup",) + MERGES_LOOKUP else None
     draft = DraftContext(drafter, target) if layers else None
     second = DraftContext(vp_drafter, target) if layers and cfg.method == "d2sd" and vp_drafter else None
     cache = kvcache.new_target_cache(target.model)

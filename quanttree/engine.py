@@ -19,6 +19,7 @@ from .models import BNB_MODES, DEFAULT_TARGET, EMBEDDED_MODELS, LoadedTarget, co
 from .policy import ADAPTIVE_METHODS, TreeSizer
 from .sampling import SamplingParams
 from .target import Target
+from .tree import node_origins
 
 Prompt = str | Sequence[dict]
 DEFAULT_BUDGET = 8  # benchmarks/results/speculative_bf16.md: budget 8 beat 4 and 32 on CPU bf16
@@ -29,7 +30,8 @@ WARMUP_PROMPTS = ("Write a Python function that merges two sorted lists into one
                   "Give three tips for keeping houseplants alive in winter.",
                   "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
 WARMUP_TOKENS = 48
-LEARNED_VERSION = 9  # the layout of the learned state saved beside a profile; another one is relearned
+LEARNED_VERSION = 10
+EXACT_DEFAULT_ROWS = 4  # exact mode is on by default where a forward needs at most this many rows  # the layout of the learned state saved beside a profile; another one is relearned
 
 
 @dataclass
@@ -45,6 +47,8 @@ class Stats:
     accepted: int = 0  # drafted tokens accepted, summed over rounds
     accepted_at_depth: list[int] = field(default_factory=list)  # rounds that accepted >= d tokens
     times: PhaseTimes = field(default_factory=PhaseTimes)
+    # per draft origin ('drafter', 'lookup', 'both': proposed by the two): [nodes verified, accepted]
+    by_source: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -77,6 +81,13 @@ class Stats:
         self.tree_nodes += step.tree_size
         self.accepted += step.accept_len
         self.times.add(step.times)
+        if step.tree is not None and step.tree.size:
+            origins = node_origins(step.tree)
+            accepted = set(step.path.tolist()[1:]) if step.path is not None else set()
+            for i, origin in enumerate(origins, start=1):
+                cell = self.by_source.setdefault(origin, [0, 0])
+                cell[0] += 1
+                cell[1] += i in accepted
         while len(self.accepted_at_depth) < step.accept_len:
             self.accepted_at_depth.append(0)
         for d in range(step.accept_len):
@@ -87,6 +98,8 @@ class Stats:
                 f"prefill {self.prefill_ms:.0f} ms, {self.target_forwards} target forwards")
         if self.method != "ar":
             line += f", tau {self.tau:.2f}, tree {self.mean_tree_size:.1f}"
+        if self.by_source:
+            line += ", accepted/drafted " + ", ".join(f"{k} {a}/{d}" for k, (d, a) in sorted(self.by_source.items()))
         return line
 
 
@@ -135,16 +148,35 @@ class Engine:
     def set_exact(self, exact: bool | None = None) -> None:
         """Exact mode: a token's numbers do not depend on how many tokens its forward holds, so
         greedy speculation returns exactly plain decoding's tokens in every dtype, not only where
-        the rounding happens to agree. None = on wherever it can run (not int8, not recurrent
-        targets); True where it cannot raises, saying why. Its verify costs differ, so it has
+        the rounding happens to agree. None = on wherever it runs at plain decoding's cost: not
+        int8, not recurrent targets, and not where this device's matmuls need more than
+        EXACT_DEFAULT_ROWS rows per forward to agree (fp32 MKL: 16; exact=True still pads to
+        them). True where it cannot run raises, saying why. Its verify costs differ, so it has
         its own cost profile."""
+        from .exact import min_exact_rows
+
         reason = exact_unavailable(self)
         if exact and reason:
             raise QuanttreeError(f"exact mode is not available here: {reason}")
-        on = bool(exact if exact is not None else not reason)
-        if on != self.target.exact:
-            self.target.set_exact(on)
+        rows = min_exact_rows(self.target.model)[0] if not reason else None
+        if exact is None:
+            exact = reason is None and rows <= EXACT_DEFAULT_ROWS
+        if bool(exact) != self.target.exact:
+            self.target.set_exact(bool(exact), rows or 2)
             self._cost, self._learned, self._sizers = None, {}, {}
+
+    def exact_default_off(self) -> str | None:
+        """Why exact mode is off by default here (None when it is on by default)."""
+        from .exact import min_exact_rows
+
+        reason = exact_unavailable(self)
+        if reason:
+            return reason
+        rows = min_exact_rows(self.target.model)[0]
+        if rows > EXACT_DEFAULT_ROWS:
+            return (f"this device's {self.quant} matmuls give a row the same numbers only from {rows} rows per "
+                    f"forward, so every decoded token would run as {rows} rows")
+        return None
 
     def cost_model(self, progress: bool = True, remeasure: bool = False) -> CostModel:
         """This engine's measured cost model: cached in memory and on disk (keyed by model, drafter,
@@ -164,7 +196,7 @@ class Engine:
                 self._cost.save(path)
                 self._learned = {}
             self._sizers = {}
-            if self.drafter is not None and not self._learned:
+            if not self._learned:
                 self.warm_up(progress)
         return self._cost
 
@@ -226,9 +258,10 @@ class Engine:
 
     @property
     def default_method(self) -> str:
-        """With a drafter: `auto` (cost-aware tree sizes, plain decoding where speculation does not
-        pay; calibrates the verify cost on first use). Without one: plain decoding."""
-        return "auto" if self.drafter is not None else "ar"
+        """`auto`: cost-aware trees of the drafter's and n-gram lookup's drafts merged (lookup's
+        alone without a drafter), plain decoding where speculation does not pay; it measures
+        the verify cost on first use."""
+        return "auto"
 
     def encode(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
         """Token ids for a prompt string or a list of chat messages (chat template when known)."""
@@ -251,7 +284,8 @@ class Engine:
         if method not in METHODS:
             raise QuanttreeError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
         if method in DRAFT_METHODS and self.drafter is None:
-            raise QuanttreeError(f"method {method!r} needs a drafter: quanttree.load(..., drafter=PATH)")
+            raise QuanttreeError(f"method {method!r} needs a drafter: quanttree.load(..., drafter=PATH), or use "
+                                 "'auto' or 'lookup' (n-gram drafts, no drafter)")
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
             raise QuanttreeError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if not isinstance(budget, int) or budget < 1:
@@ -467,7 +501,7 @@ def load(target: str = DEFAULT_TARGET, drafter: str | None = "auto", quant: str 
 def exact_unavailable(engine: Engine) -> str | None:
     """Why exact mode cannot run on this engine's target, or None."""
     from . import kvcache
-    from .exact import supports_exact_attention
+    from .exact import min_exact_rows, supports_exact_attention
 
     if engine.quant == "int8":
         return ("int8 (LLM.int8) picks its outlier columns from all the rows of a forward, so a token's numbers "
@@ -478,6 +512,9 @@ def exact_unavailable(engine: Engine) -> str | None:
     if not supports_exact_attention(engine.target.model):
         return (f"{type(engine.target.model).__name__} does not take a pluggable attention function "
                 "(transformers' AttentionInterface)")
+    rows, differs = min_exact_rows(engine.target.model)
+    if rows is None:
+        return f"on this device a matmul rounds a row differently by how many rows share it: {differs}"
     return None
 
 

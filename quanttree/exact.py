@@ -18,6 +18,8 @@ prefill, training features) is the same for every method and runs batched.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -56,6 +58,64 @@ def use_exact_attention(model) -> bool:
     return getattr(model.config, "_attn_implementation", None) == NAME
 
 
+MIN_ROWS_TRIED = (2, 4, 8, 16)
+
+
+def min_exact_rows(model) -> tuple[int | None, str | None]:
+    """`matmul_min_rows` of the model, checked once per loaded model."""
+    if model not in _row_checks:
+        _row_checks[model] = matmul_min_rows(model)
+    return _row_checks[model]
+
+
+_row_checks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def matmul_min_rows(model, rows: int = 48) -> tuple[int | None, str | None]:
+    """The fewest rows from which every matmul of the model gives a row the same numbers however
+    many rows share the call, on this device (a one-row call takes a gemv kernel; fp32 MKL
+    switches kernels up to 3 rows): exact mode pads every forward after the prompt to that many.
+    -> (rows, None), or (None, the first module that differs at every count tried).
+    Plain linears are checked on their first 4,096 output rows (the head's full width costs
+    seconds on a CPU for large vocabularies); quantized ones whole, when not larger than that."""
+    import torch.nn.functional as F
+
+    checks = []
+    seen = set()
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or not hasattr(module, "in_features") or "embed" in name:
+            continue
+        kind = (type(module).__name__, module.in_features, getattr(module, "out_features", None))
+        if kind in seen:
+            continue
+        seen.add(kind)
+        if type(module) is torch.nn.Linear:
+            checks.append((name, module, lambda x, w=weight[:4096]: F.linear(x, w), weight.dtype, weight.device))
+        elif (getattr(module, "out_features", 0) or 0) <= 4096:
+            checks.append((name, module, module, dtype, weight.device))
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(rows, m.in_features, generator=gen).to(device=dev, dtype=dt) for _, m, _, dt, dev in checks]
+    failed = None
+    for least in MIN_ROWS_TRIED:
+        failed = _first_row_dependent(checks, inputs, (least, least + 1, least + 3, 2 * least + 1))
+        if failed is None:
+            return least, None
+    return None, f"{failed} (rows differ at every row count from {MIN_ROWS_TRIED[0]} to {MIN_ROWS_TRIED[-1]})"
+
+
+def _first_row_dependent(checks, inputs, sizes) -> str | None:
+    with torch.inference_mode():
+        for (name, module, run, _, _), x in zip(checks, inputs):
+            full = run(x)
+            for size in sizes:
+                for start in range(0, x.shape[0] - size + 1, size):
+                    if not torch.equal(run(x[start:start + size]), full[start:start + size]):
+                        return f"{name} ({type(module).__name__}, {size} rows against {x.shape[0]})"
+    return None
+
+
 def exact_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query [B, Hq, Q, D], key/value [B, Hkv, K, D] (the cache's own tensors), mask None
     (causal) or [B|1, 1, Q, K] (bool: True attends; float: 0 attends). -> ([B, Q, Hq, D], None)."""
@@ -74,8 +134,7 @@ def exact_attention(module, query, key, value, attention_mask, scaling=None, dro
     for b in range(batch):
         plan = row_plan(attention_mask, b, q_len, kv_len, query.device)
         outs.append(_rows(query[b:b + 1], key[b:b + 1], value[b:b + 1], plan, scaling, sinks))
-    out = outs[0] if batch == 1 else torch.cat(outs)
-    return out.transpose(1, 2).contiguous(), None
+    return (outs[0] if batch == 1 else torch.cat(outs)), None
 
 
 class RowPlan:
@@ -134,9 +193,15 @@ def _plan_rows(visible: torch.Tensor, device) -> RowPlan:
 
 
 def _rows(query, key, value, plan: RowPlan, scaling: float, sinks):
-    """Each query row [1, Hq, 1, D] against the first lengths[i] slots of key/value [1, Hkv, K, D],
-    rearranged per the plan (in place, restored at the end)."""
-    kv_len = key.shape[2]
+    """Each query row of query [1, Hq, Q, D] against the first lengths[i] slots of key/value
+    [1, Hkv, K, D], rearranged per the plan (in place, restored at the end). -> [1, Q, Hq, D]
+
+    A row goes in as one-token decoding runs it in transformers: the query heads sharing a key
+    head as that head's queries ([1, Hkv, Hq/Hkv, D]: no repeated keys)."""
+    _, heads, q_len, dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    packed = query[0].reshape(kv_heads, heads // kv_heads, q_len, dim).permute(2, 0, 1, 3).contiguous()
+    group_sinks = None if sinks is None else sinks.reshape(1, kv_heads, heads // kv_heads, 1)
     saved = None
     if plan.base < kv_len:
         saved = key[:, :, plan.base:].clone(), value[:, :, plan.base:].clone()
@@ -148,27 +213,18 @@ def _rows(query, key, value, plan: RowPlan, scaling: float, sinks):
                 key.index_copy_(2, slots, saved[0].index_select(2, sources - plan.base))
                 value.index_copy_(2, slots, saved[1].index_select(2, sources - plan.base))
             if n == 0:  # a padding row that attends to nothing (see Target.forward)
-                outs.append(torch.zeros_like(query[:, :, i:i + 1]))
+                outs.append(torch.zeros_like(packed[i:i + 1]))
                 continue
             k, v = (key, value) if n == kv_len else (key[:, :, :n], value[:, :, :n])
-            outs.append(_one_query(query[:, :, i:i + 1], k, v, scaling, sinks))
+            if group_sinks is None:
+                outs.append(F.scaled_dot_product_attention(packed[i:i + 1], k, v, scale=scaling))
+            else:
+                outs.append(_attend(packed[i:i + 1], k, v, None, scaling, group_sinks))
     finally:
         if saved is not None:
             key[:, :, plan.base:] = saved[0]
             value[:, :, plan.base:] = saved[1]
-    return torch.cat(outs, dim=2)
-
-
-def _one_query(q, k, v, scaling: float, sinks):
-    """One query [1, Hq, 1, D] over its keys: the query heads sharing a key head go in as that
-    head's queries (no repeated keys), as transformers runs one-token decoding."""
-    heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[-1]
-    packed = q.reshape(1, kv_heads, heads // kv_heads, dim).contiguous()
-    if sinks is None:
-        out = F.scaled_dot_product_attention(packed, k, v, scale=scaling)
-    else:
-        out = _attend(packed, k, v, None, scaling, sinks.reshape(1, kv_heads, heads // kv_heads, 1))
-    return out.reshape(1, heads, 1, dim)
+    return torch.cat(outs).reshape(1, q_len, heads, dim)
 
 
 def _causal_or(mask, q_len: int, kv_len: int, device):

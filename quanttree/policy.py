@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .tree import Tree
+from .tree import SOURCES, Tree, own_probs, subtree
 
 
 def pop_order(tree: Tree) -> torch.Tensor:
@@ -72,7 +72,7 @@ def prune(tree: Tree, n: int) -> Tree:
     new_index[keep] = torch.arange(keep.numel(), device=keep.device)
     parents = tree.parents[keep]
     parents = torch.where(parents >= 0, new_index[parents.clamp(min=0)], parents)
-    return Tree(tree.tokens[keep], parents, tree.depths[keep], tree.scores[keep])
+    return subtree(tree, keep, parents)
 
 
 class AcceptanceCalibrator:
@@ -102,13 +102,19 @@ class AcceptanceCalibrator:
         """P(node accepted | parent accepted) per depth group and bin of q. [G, B]"""
         return self.hits / self.trials
 
-    def _cells(self, tree: Tree) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(depth group, q bin, parents) of the drafted nodes 1..n."""
-        scores = tree.scores.float().cpu().numpy()
+    def _cells(self, tree: Tree, q: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(depth group, q bin, parents) of the drafted nodes 1..n; q: their own probabilities
+        under this calibrator's source (default: from the tree's path scores)."""
+        if q is None:
+            q = own_probs(tree).float().cpu().numpy()[1:]
         parents = tree.parents.cpu().numpy()
-        q = np.exp(scores[1:] - scores[np.maximum(parents[1:], 0)])  # [n] own probabilities
         group = np.minimum(tree.depths[1:].cpu().numpy(), self.hits.shape[0]) - 1
-        return group, self.bin(q), parents
+        return group, self.bin(np.nan_to_num(q)), parents
+
+    def node_rates(self, tree: Tree, q: np.ndarray) -> np.ndarray:
+        """P(node accepted | parent accepted) of nodes 1..n with own probabilities q. [n]"""
+        group, qbin, _ = self._cells(tree, q)
+        return self.rates()[group, qbin]
 
     @classmethod
     def bin(cls, q):
@@ -126,14 +132,17 @@ class AcceptanceCalibrator:
             out[level] = out[parents[level]] * rate[level]
         return out
 
-    def update(self, tree: Tree, path: torch.Tensor) -> None:
-        """After verification: every node whose parent was accepted is one trial of its cell."""
+    def update(self, tree: Tree, path: torch.Tensor, q: np.ndarray | None = None) -> None:
+        """After verification: every node whose parent was accepted is one trial of its cell
+        (q: own probabilities under this source, NaN for nodes it did not propose)."""
         if tree.size == 0:
             return
-        group, qbin, parents = self._cells(tree)
+        group, qbin, parents = self._cells(tree, q)
         accepted = np.zeros(tree.size + 1, dtype=bool)
         accepted[path.cpu().numpy()] = True
         tried = accepted[parents[1:]]
+        if q is not None:
+            tried &= ~np.isnan(q)
         self.hits *= self.decay
         self.trials *= self.decay
         np.add.at(self.hits, (group[tried], qbin[tried]), accepted[1:][tried].astype(float))
@@ -194,7 +203,10 @@ class TreeSizer:
     def __init__(self, method: str, cost, cap: int, probe_every: int = 8, min_nodes: int = 0,
                  max_probe_every: int = 64, min_samples: float = 6.0):
         self.method, self.cost, self.cap = method, cost, cap
-        self.calibrator = AcceptanceCalibrator()
+        self.calibrator = AcceptanceCalibrator()  # the drafter's
+        # one per n-gram source (by match length): their own probabilities (a continuation's
+        # share of the matches) mean something else than a drafter's marginal
+        self.lookup_calibrators = [AcceptanceCalibrator() for _ in SOURCES[1:]]
         self.expected_phi: np.ndarray | None = None
         self.overhead_ms = cost.profile.overhead_ms
         self.probe_every, self.min_nodes = probe_every, min_nodes
@@ -216,6 +228,8 @@ class TreeSizer:
         self.predicted: list[float] = []
         self.observed: list[int] = []
         self._chose = False
+        self._drafted = False
+        self._plain_pending = False
         self.schedule: list[int] = []
         self._build = min(cap, 8)
 
@@ -232,6 +246,8 @@ class TreeSizer:
         """What this sizer learned (acceptance map, expected gain, measured savings, overheads)."""
         return {"method": self.method, "cap": self.cap, "overhead_ms": self.overhead_ms,
                 "acceptance": {"hits": self.calibrator.hits.tolist(), "trials": self.calibrator.trials.tolist()},
+                "lookup_acceptance": [{"hits": c.hits.tolist(), "trials": c.trials.tolist()}
+                                      for c in self.lookup_calibrators],
                 "expected_phi": None if self.expected_phi is None else self.expected_phi.tolist(),
                 "plain_ratio": self.plain_ratio, "savings": self.savings.sums, "shortfall": self.shortfall.sums,
                 "recent": self.recent}
@@ -242,6 +258,10 @@ class TreeSizer:
             return  # another calibrator layout: start fresh
         self.calibrator.hits = np.array(acceptance["hits"], dtype=float)
         self.calibrator.trials = np.array(acceptance["trials"], dtype=float)
+        for cal, saved in zip(self.lookup_calibrators, state.get("lookup_acceptance", [])):
+            if np.shape(saved.get("hits")) == cal.hits.shape:
+                cal.hits = np.array(saved["hits"], dtype=float)
+                cal.trials = np.array(saved["trials"], dtype=float)
         self.overhead_ms = float(state["overhead_ms"])
         phi = state.get("expected_phi")
         self.expected_phi = None if phi is None else np.array(phi, dtype=float)
@@ -325,6 +345,7 @@ class TreeSizer:
         if 0 < self.skipped < self.probe_every:  # inside a plain streak: no evaluation at all
             self.skipped += 1
             self.chosen.append(0)
+            self._plain_pending = True
             return False
         if self.skipped:  # the streak ends with a probe; the next one is longer if this one loses
             self.skipped = 0
@@ -335,14 +356,50 @@ class TreeSizer:
             return True
         self.skipped = 1
         self.chosen.append(0)
+        self._plain_pending = True
         return False
 
-    def choose(self, tree: Tree, context: int) -> Tree:
-        """Prune the drafted tree to the size this method picks."""
-        # the drafter's own best-first order decides WHICH nodes; the calibrated probabilities
-        # decide HOW MANY (ranking by the noisier calibrated cells makes worse trees)
-        order = pop_order(tree)
-        phi = expected_gain(self.calibrator.calibrate(tree)[order.cpu().numpy()])
+    def calibrators(self) -> list[AcceptanceCalibrator]:
+        """One per entry of tree.SOURCES."""
+        return [self.calibrator] + self.lookup_calibrators
+
+    def calibrate_sources(self, tree: Tree) -> np.ndarray:
+        """Calibrated path probabilities of a tree whose nodes carry per-source own probabilities:
+        a node's rate is the best of its sources' calibrated rates (a node two sources propose
+        is one node with the better estimate), a path's the product of its nodes'. [n+1]"""
+        own = tree.own.float().cpu().numpy()[1:]  # [n, S]
+        rates = np.full(own.shape, -1.0)
+        for s, cal in enumerate(self.calibrators()):
+            have = ~np.isnan(own[:, s])
+            if have.any():
+                rates[have, s] = cal.node_rates(tree, own[:, s])[have]
+        rate = np.concatenate([[1.0], rates.max(axis=1).clip(min=0.0)])
+        parents, depths = tree.parents.cpu().numpy(), tree.depths.cpu().numpy()
+        out = np.ones(tree.size + 1)
+        for d in range(1, int(depths.max(initial=0)) + 1):
+            level = depths == d
+            out[level] = out[parents[level]] * rate[level]
+        return out
+
+    def choose(self, tree: Tree, context: int, drafted: bool = True) -> Tree:
+        """Prune the drafted tree to the size this method picks. drafted: the drafter ran this
+        round (else the nodes are n-gram drafts, which cost no drafter pass)."""
+        if self._plain_pending:  # should_draft said no drafter this round; n-gram nodes may still go
+            self._plain_pending = False
+            self.chosen.pop()
+        self._drafted = drafted
+        if tree.own is None:
+            # the drafter alone: its own best-first order decides WHICH nodes, the calibrated
+            # probabilities HOW MANY (ranking by the noisier calibrated cells makes worse trees)
+            order = pop_order(tree)
+            phi = expected_gain(self.calibrator.calibrate(tree)[order.cpu().numpy()])
+        else:  # several sources: only the calibrated estimates are comparable across them
+            path = self.calibrate_sources(tree)
+            tree = Tree(tree.tokens, tree.parents, tree.depths,
+                        torch.tensor(np.log(np.maximum(path, 1e-30)), dtype=torch.float32,
+                                     device=tree.scores.device), tree.own)
+            order = pop_order(tree)
+            phi = expected_gain(path[order.cpu().numpy()])
         if self.schedule:
             n = min(self.schedule[len(self.chosen) % len(self.schedule)], tree.size)
         elif self.method == "auto":
@@ -367,22 +424,29 @@ class TreeSizer:
         drafted round, and (auto) the measured wall time: a plain round's extras beyond its
         verify forward, or what a drafted round saved against plain rounds."""
         accept_len = path.numel() - 1
-        self.calibrator.update(tree, path)
+        if tree.own is None:
+            self.calibrator.update(tree, path)
+        else:
+            own = tree.own.float().cpu().numpy()[1:]
+            for s, cal in enumerate(self.calibrators()):
+                if not np.isnan(own[:, s]).all():
+                    cal.update(tree, path, own[:, s])
         self.cost.observe(tokens, context, verify_ms)
         if self._chose:  # rounds that skipped the drafter predicted nothing and cost no overhead
             self.observed.append(accept_len)
-            self.cost.observe_draft(context, draft_ms)
-            self.overhead_ms = 0.9 * self.overhead_ms + 0.1 * overhead_ms
+            if self._drafted:
+                self.cost.observe_draft(context, draft_ms)
+                self.overhead_ms = 0.9 * self.overhead_ms + 0.1 * overhead_ms
         if round_ms is not None and round_ms > 0:
-            if not self._chose:  # a plain round, the warm-up's too
+            if not self._chose or (not self._drafted and tree.size == 0):  # a plain round, the warm-up's too
                 ratio = round_ms / float(self.cost.profiled_ms(1, context))
                 self.plain_ratio = ratio if self.plain_ratio is None else 0.9 * self.plain_ratio + 0.1 * ratio
             if not self.schedule:  # exploring is not the policy
                 self.recent = [0.98 * self.recent[0] + accept_len + 1, 0.98 * self.recent[1] + round_ms]
-                if self._chose:
+                if self._chose and self._drafted:  # the gate decides whether to run the drafter
                     self.savings.add((1 + self._expected) * self.plain_round_ms(context) - round_ms)
                     self.shortfall.add(accept_len - self._expected)
-        self._chose = False
+        self._chose = self._drafted = self._plain_pending = False
 
 
 def _ema_curve(old: np.ndarray, new: np.ndarray, ema: float = 0.2) -> np.ndarray:

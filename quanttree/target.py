@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +24,11 @@ class Target:
 
     def __init__(self, model, exact: bool = False):
         self.model = model
-        self.exact = False
-        self._attn_default = getattr(model.config, "_attn_implementation", None)
+        from .exact import NAME
+
+        self.exact = getattr(model.config, "_attn_implementation", None) == NAME  # a model shared by engines
+        self.min_rows = 2
+        self._attn_default = "sdpa" if self.exact else getattr(model.config, "_attn_implementation", None)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.config = config
         self.device = model.get_input_embeddings().weight.device
@@ -43,10 +47,23 @@ class Target:
         if exact:
             self.set_exact(True)
 
-    def set_exact(self, on: bool) -> None:
+    @contextmanager
+    def stock_attention(self):
+        """transformers' own attention for the duration (peers in the bench run unmodified)."""
+        was = self.exact
+        if was:
+            self.set_exact(False)
+        try:
+            yield
+        finally:
+            if was:
+                self.set_exact(True)
+
+    def set_exact(self, on: bool, min_rows: int = 2) -> None:
         """Exact mode: every token's numbers are the same whether it is decoded alone or verified
-        in a tree (row-exact attention, and no forward after the prompt runs on a single row:
-        one-row matmuls take a different kernel than many-row ones). See quanttree/exact.py."""
+        in a tree (row-exact attention, and no forward after the prompt runs on fewer than
+        `min_rows` rows: a one-row matmul takes a gemv kernel, fp32 MKL switches kernels up to 3
+        rows; exact.min_exact_rows measures it). See quanttree/exact.py."""
         from .exact import NAME, use_exact_attention
 
         if on:
@@ -57,6 +74,7 @@ class Target:
         elif getattr(self.model.config, "_attn_implementation", None) == NAME:
             self.model.set_attn_implementation(self._attn_default or "sdpa")
         self.exact = on
+        self.min_rows = min_rows
 
     def _capture(self, layer_ids: tuple[int, ...]) -> None:
         """Keep the outputs of these layers on every forward: hidden_states[i + 1] in
@@ -100,10 +118,10 @@ class Target:
         """
         self._capture(feature_layers)
         n = input_ids.shape[-1]
-        padded = self.exact and n == 1 and cache.get_seq_length() > 0 and not has_recurrent_state(cache)
+        padded = self.exact and n < self.min_rows and cache.get_seq_length() > 0 and not has_recurrent_state(cache)
         if padded:
-            input_ids, position_ids, attention_mask = pad_one_row(input_ids, position_ids, attention_mask,
-                                                                  cache.get_seq_length(), self.dtype)
+            input_ids, position_ids, attention_mask = pad_rows(input_ids, position_ids, attention_mask,
+                                                               cache.get_seq_length(), self.dtype, self.min_rows)
         if attention_mask is not None:
             attention_mask = self.layer_masks(attention_mask, position_ids)
         out = self.model(
@@ -117,9 +135,9 @@ class Target:
         features = None
         if feature_layers:
             features = torch.cat([self._captured.pop(i)[0].to(self.device) for i in feature_layers], dim=-1)
-        if padded:  # drop the padding row's outputs and its cache entry
-            crop(cache, cache.get_seq_length() - 1)
-            return TargetOutput(logits=out.logits[0, :1], features=None if features is None else features[:1])
+        if padded:  # drop the padding rows' outputs and their cache entries
+            crop(cache, cache.get_seq_length() - (self.min_rows - n))
+            return TargetOutput(logits=out.logits[0, :n], features=None if features is None else features[:n])
         return TargetOutput(logits=out.logits[0], features=features)
 
     def layer_masks(self, mask: torch.Tensor, position_ids: torch.Tensor):
@@ -149,14 +167,19 @@ class Target:
         return out.logits, features
 
 
-def pad_one_row(input_ids, position_ids, mask, past: int, dtype):
-    """A one-token forward as two rows: the token, then a padding row that attends to nothing
-    and that nothing attends to (exact mode: a one-row matmul takes a gemv kernel whose sums
-    differ from the many-row kernel's; two rows take the many-row one, at the same cost)."""
+def pad_rows(input_ids, position_ids, mask, past: int, dtype, rows: int):
+    """A forward of n < rows tokens as `rows` rows: the tokens, then padding rows that attend to
+    nothing and that nothing attends to (exact mode: matmuls over fewer rows take kernels whose
+    sums differ; at `rows` they take the many-row one, at about the same cost: all read the
+    weights once). mask: None (causal) or [1, 1, n, past + n]."""
+    n = input_ids.shape[-1]
     blocked = torch.finfo(dtype).min
-    full = torch.zeros(1, 1, 2, past + 2, dtype=dtype, device=input_ids.device)
-    if mask is not None:
-        full[..., :1, :past + 1] = mask.to(device=full.device, dtype=dtype)
-    full[..., 0, past + 1] = blocked
-    full[..., 1, :] = blocked
-    return torch.cat([input_ids, input_ids], -1), torch.cat([position_ids, position_ids], -1), full
+    full = torch.full((1, 1, rows, past + rows), blocked, dtype=dtype, device=input_ids.device)
+    if mask is None:
+        full[0, 0, :n, :past + n] = torch.zeros(n, past + n, dtype=dtype, device=full.device).masked_fill(
+            torch.ones(n, past + n, dtype=torch.bool, device=full.device).triu(past + 1), blocked)
+    else:
+        full[..., :n, :past + n] = mask.to(device=full.device, dtype=dtype)
+    pad = rows - n
+    return (torch.cat([input_ids, input_ids[..., -1:].expand(1, pad)], -1),
+            torch.cat([position_ids, position_ids[..., -1:].expand(1, pad)], -1), full)

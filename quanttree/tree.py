@@ -19,6 +19,10 @@ class Tree:
     parents: torch.Tensor  # [n+1] long, parents[0] = -1
     depths: torch.Tensor  # [n+1] long, depths[0] = 0
     scores: torch.Tensor  # [n+1] float, log path probability under the draft marginals (root 0)
+    # [n+1, len(SOURCES)] float or None: per draft source, the node's own probability under that
+    # source (its estimate that the node is right given its parent), NaN where the source did not
+    # propose it. None: a tree of the drafter alone, own probabilities read from `scores`
+    own: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -27,6 +31,43 @@ class Tree:
 
     def is_chain(self) -> bool:
         return bool((self.parents[1:] == torch.arange(self.size, device=self.parents.device)).all())
+
+
+# draft sources a tree's nodes can come from: the DFlash drafter, and n-gram lookup by the length
+# of the matched suffix (a 1-token match predicts far worse than a 3-token one)
+SOURCES = ("drafter", "lookup-1", "lookup-2", "lookup-3+")
+
+
+def lookup_source(match_len: int) -> int:
+    return min(max(match_len, 1), 3)
+
+
+def own_probs(tree: Tree) -> torch.Tensor:
+    """Each node's own probability from its path scores: P(path) / P(parent's path). [n+1]"""
+    parents = tree.parents.clamp(min=0)
+    return (tree.scores - tree.scores[parents]).exp()
+
+
+def node_origins(tree: Tree) -> list[str]:
+    """Who proposed each drafted node (root excluded): 'drafter', 'lookup' or 'both'."""
+    if tree.own is None:
+        return ["drafter"] * tree.size
+    have = ~torch.isnan(tree.own[1:])
+    drafter, lookup = have[:, 0].tolist(), have[:, 1:].any(dim=1).tolist()
+    return ["both" if d and g else "drafter" if d else "lookup" for d, g in zip(drafter, lookup)]
+
+
+def with_source(tree: Tree, source: int) -> Tree:
+    """The tree with its nodes marked as proposed by `source` (an index into SOURCES)."""
+    own = torch.full((tree.size + 1, len(SOURCES)), float("nan"), device=tree.scores.device)
+    own[:, source] = own_probs(tree).float()
+    return Tree(tree.tokens, tree.parents, tree.depths, tree.scores, own)
+
+
+def subtree(tree: Tree, keep: torch.Tensor, parents: torch.Tensor) -> Tree:
+    """Nodes `keep` (parents first, root included) with their new parent indices."""
+    return Tree(tree.tokens[keep], parents, tree.depths[keep], tree.scores[keep],
+                None if tree.own is None else tree.own[keep])
 
 
 @dataclass(frozen=True)
@@ -128,6 +169,10 @@ def merge_trees(a: Tree, b: Tree) -> tuple[Tree, torch.Tensor]:
         raise ValueError("merge_trees: the two trees have different roots")
     tokens, parents, depths = a.tokens.tolist(), a.parents.tolist(), a.depths.tolist()
     scores = a.scores.tolist()
+    width = len(SOURCES)
+    nan = [float("nan")] * width
+    own = a.own.tolist() if a.own is not None else [list(nan) for _ in tokens]
+    b_own = b.own.tolist() if b.own is not None else [list(nan) for _ in range(b.size + 1)]
     from_b = [True] + [False] * a.size
     child = {(parents[i], tokens[i]): i for i in range(1, len(tokens))}
     where = [0] * (b.size + 1)  # b's node -> merged node
@@ -143,21 +188,25 @@ def merge_trees(a: Tree, b: Tree) -> tuple[Tree, torch.Tensor]:
             parents.append(where[par])
             depths.append(depths[where[par]] + 1)
             scores.append(score)
+            own.append(list(b_own[i]))
             from_b.append(True)
         else:
             scores[j] = max(scores[j], score)
+            own[j] = [y if x != x else x for x, y in zip(own[j], b_own[i])]  # x != x: NaN, not proposed
             from_b[j] = True
         where[i] = j
     device = a.tokens.device
+    carry = a.own is not None or b.own is not None
     merged = Tree(torch.tensor(tokens, device=device), torch.tensor(parents, device=device),
-                  torch.tensor(depths, device=device), torch.tensor(scores, device=device))
+                  torch.tensor(depths, device=device), torch.tensor(scores, device=device),
+                  torch.tensor(own, device=device) if carry else None)
     return merged, torch.tensor(from_b, device=device)
 
 
 def map_tokens(tree: Tree, vocab: torch.Tensor) -> Tree:
     """Draft-vocabulary indices -> target token ids for every node but the root."""
     tokens = torch.cat([tree.tokens[:1], vocab[tree.tokens[1:]]])
-    return Tree(tokens, tree.parents, tree.depths, tree.scores)
+    return Tree(tokens, tree.parents, tree.depths, tree.scores, tree.own)
 
 
 def ancestor_matrix(parents: torch.Tensor) -> torch.Tensor:

@@ -50,10 +50,20 @@ def test_compare_streams_both_panes(app_module, tiny_dirs):
     updates = list(app_module.compare(cache, "the cat sat", 24, 0.0, "ddtree", 8, "fp32", "same"))
     assert len(updates) > 2  # streamed (throttled to the UI interval), not one final update
     ar_text, _, spec_text, spec_stats, badge, tree_fig, speed_fig, status = updates[-1]
-    assert ar_text == spec_text and "identical" in badge and "speedup" in spec_stats
+    assert ar_text == spec_text and "identical" in badge and "speedup" in spec_stats and "accepted drafter" in spec_stats
     assert tree_fig is not None and speed_fig is not None and "one after the other" in status
     with pytest.raises(app_module.QuanttreeError, match="empty"):
         list(app_module.compare(cache, "  ", 8, 0.0, "ddtree", 8, "fp32", "same"))
+
+
+def test_exact_checkbox_and_modes_without_it(app_module, tiny_dirs):
+    cache = app_module.EngineCache(str(tiny_dirs["llama"]), str(tiny_dirs["llama-drafter"]), "cpu")
+    list(app_module.compare(cache, "the cat sat", 8, 0.0, "ddtree", 8, "fp32", "same", exact=False))
+    assert not cache.get("fp32", "same").exact
+    final = list(app_module.compare(cache, "the cat sat", 8, 0.0, "ddtree", 8, "fp32", "same", exact=True))[-1]
+    assert cache.get("fp32", "same").exact and "identical" in final[4]
+    final = list(app_module.compare(cache, "the cat sat", 8, 0.0, "ddtree", 8, "int8", "same", exact=True))[-1]
+    assert "exact mode is off in int8" in final[7] and "outlier" in final[7]
 
 
 def test_served_app_streams_and_matches(served):
@@ -61,11 +71,11 @@ def test_served_app_streams_and_matches(served):
 
     url, _ = served
     client = Client(url, verbose=False)
-    job = client.submit("the cat sat", 24, 0.0, "dflash", 8, "fp32", "same", api_name="/compare")
+    job = client.submit("the cat sat", 24, 0.0, "dflash", 8, "fp32", "same", True, api_name="/compare")
     final = job.result(timeout=300)
     assert len(job.outputs()) > 2  # streamed, not one final update
     assert final[0] == final[2] and "identical" in final[4]
-    bad = client.submit("   ", 8, 0.0, "ddtree", 8, "fp32", "same", api_name="/compare")
+    bad = client.submit("   ", 8, 0.0, "ddtree", 8, "fp32", "same", True, api_name="/compare")
     with pytest.raises(Exception, match="empty"):
         bad.result(timeout=120)
 

@@ -165,3 +165,54 @@ def test_exact_mode_switches_off_and_on(bf16_engine):
     finally:
         engine.set_exact(True)
     assert engine.exact and engine.target.model.config._attn_implementation == "quanttree_exact"
+
+
+class RowCountLinear(torch.nn.Module):
+    """A matmul whose rows depend on how many rows it gets below `least` rows (a kernel switch),
+    or at every count (least=None)."""
+
+    def __init__(self, least: int | None):
+        super().__init__()
+        self.in_features, self.out_features, self.least = 8, 4, least
+        self.weight = torch.nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x):
+        if self.least is None:
+            return x @ self.weight.T + 1e-3 * x.shape[0]
+        return x @ self.weight.T + (1e-3 if x.shape[0] < self.least else 0.0)
+
+
+def test_min_rows_check_finds_kernel_switches():
+    from quanttree.exact import matmul_min_rows
+
+    assert matmul_min_rows(torch.nn.Sequential(torch.nn.Linear(8, 8), RowCountLinear(4))) == (4, None)
+    assert matmul_min_rows(torch.nn.Sequential(RowCountLinear(2)))[0] == 2
+    rows, why = matmul_min_rows(torch.nn.Sequential(torch.nn.Linear(8, 8), RowCountLinear(None)))
+    assert rows is None and why.startswith("1 (RowCountLinear")
+
+
+def test_exact_pads_short_forwards_to_the_measured_rows(monkeypatch):
+    import quanttree.exact as exact_module
+
+    monkeypatch.setattr(exact_module, "min_exact_rows", lambda model: (4, None))
+    engine = quanttree.load("smollm2-135m", quant="bf16", device="cpu", drafter=None, log=lambda *_: None)
+    assert engine.exact and engine.target.min_rows == 4
+    seen = []
+    hook = engine.target.model.model.layers[0].register_forward_hook(lambda m, a, o: seen.append(a[0].shape[1]))
+    try:
+        ar = engine.generate(PROMPTS[0], method="ar", max_new_tokens=6)
+    finally:
+        hook.remove()
+    assert seen[0] > 4 and set(seen[1:]) == {4}  # the prompt, then every one-token step as 4 rows
+    engine.set_exact(False)
+    assert engine.generate(PROMPTS[0], method="ar", max_new_tokens=6).token_ids[:3] == ar.token_ids[:3]
+
+
+def test_exact_refuses_where_matmuls_depend_on_row_count(monkeypatch):
+    import quanttree.exact as exact_module
+
+    monkeypatch.setattr(exact_module, "min_exact_rows", lambda model: (None, "mlp.down_proj (16 rows against 48)"))
+    engine = quanttree.load("smollm2-135m", quant="fp32", device="cpu", drafter=None, log=lambda *_: None)
+    assert not engine.exact
+    with pytest.raises(quanttree.QuanttreeError, match="rounds a row differently.*down_proj"):
+        engine.set_exact(True)

@@ -23,7 +23,7 @@ def hf_greedy(engine, prompt_ids, max_new_tokens):
 
 def test_ar_equals_transformers_generate_embedded(embedded_engine):
     ids = embedded_engine.encode(PROMPT)
-    ours = embedded_engine.generate(PROMPT, max_new_tokens=40)
+    ours = embedded_engine.generate(PROMPT, max_new_tokens=40, method="ar")
     assert ours.token_ids == hf_greedy(embedded_engine, ids, 40)
     assert ours.stats.new_tokens == len(ours.token_ids) and ours.stats.target_forwards == len(ours.token_ids)
     assert "def" in ours.text
@@ -32,9 +32,9 @@ def test_ar_equals_transformers_generate_embedded(embedded_engine):
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_ar_equals_transformers_generate_tiny(tiny_dirs, kind):
     engine = quanttree.load(str(tiny_dirs[kind]), quant="fp32", device="cpu")
-    assert engine.drafter is None and engine.default_method == "ar"
+    assert engine.drafter is None and engine.default_method == "auto"  # n-gram lookup, cost-aware
     ids = engine.encode("hello there", chat=False)
-    ours = engine.generate("hello there", max_new_tokens=24, chat=False)
+    ours = engine.generate("hello there", max_new_tokens=24, chat=False, method="ar")
     assert ours.token_ids == hf_greedy(engine, ids, 24)
 
 
@@ -42,7 +42,7 @@ def test_ar_equals_transformers_generate_tiny(tiny_dirs, kind):
 def test_every_quant_mode_generates(tiny_dirs, quant):
     engine = quanttree.load(str(tiny_dirs["llama"]), quant=quant, device="cpu")
     assert engine.quant == quant
-    result = engine.generate("hello", max_new_tokens=6, chat=False)
+    result = engine.generate("hello", max_new_tokens=6, chat=False, method="ar")
     assert 1 <= len(result.token_ids) <= 6
 
 
@@ -53,31 +53,31 @@ def test_quantized_footprint_smaller(embedded_dir):
     for quant in ("fp32", "int8", "nf4"):
         engine = quanttree.load(str(embedded_dir), quant=quant, device="cpu")
         sizes[quant] = engine.target.model.get_memory_footprint()
-        out = engine.generate("Say hi.", max_new_tokens=4)
+        out = engine.generate("Say hi.", max_new_tokens=4, method="ar")
         assert out.token_ids
     assert sizes["int8"] < 0.7 * sizes["fp32"] and sizes["nf4"] < 0.7 * sizes["fp32"]
 
 
 def test_seeded_sampling_is_reproducible(embedded_engine):
-    a = embedded_engine.generate(PROMPT, max_new_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=7)
-    b = embedded_engine.generate(PROMPT, max_new_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=7)
-    c = embedded_engine.generate(PROMPT, max_new_tokens=16, temperature=0.9, seed=8)
+    a = embedded_engine.generate(PROMPT, max_new_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=7, method="ar")
+    b = embedded_engine.generate(PROMPT, max_new_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=7, method="ar")
+    c = embedded_engine.generate(PROMPT, max_new_tokens=16, temperature=0.9, seed=8, method="ar")
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids
 
 
 def test_stream_deltas_add_up_and_stop_strings(embedded_engine):
-    events = list(embedded_engine.stream(PROMPT, max_new_tokens=30))
+    events = list(embedded_engine.stream(PROMPT, max_new_tokens=30, method="ar"))
     assert "".join(e.delta for e in events) == events[-1].text
     full = events[-1].text
     stop = full[10:14]
-    cut = embedded_engine.generate(PROMPT, max_new_tokens=30, stop=[stop])
+    cut = embedded_engine.generate(PROMPT, max_new_tokens=30, stop=[stop], method="ar")
     assert cut.finish_reason == "stop" and stop not in cut.text and full.startswith(cut.text)
     assert embedded_engine.tokenizer.decode(cut.token_ids, skip_special_tokens=True) in full
 
 
 def test_eos_ends_generation(embedded_engine):
-    result = embedded_engine.generate("Reply with the single word: yes", max_new_tokens=60)
+    result = embedded_engine.generate("Reply with the single word: yes", max_new_tokens=60, method="ar")
     assert result.finish_reason == "eos"
     assert result.token_ids[-1] in embedded_engine.eos_token_ids
 

@@ -1,10 +1,13 @@
-"""Issue 15 (first part): the n-gram index and the tree merge as pure functions, no model."""
+"""Issue 15: the n-gram index, the tree merge and per-source calibration as pure functions, no model."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
-from quanttree.lookup import NgramIndex, lookup_tree
+from quanttree.lookup import Continuation, NgramIndex, lookup_tree
+from quanttree.policy import AcceptanceCalibrator
 from quanttree.tree import build_chain, merge_trees
 
 
@@ -53,3 +56,41 @@ def test_merge_trees_shares_nodes_keeps_order_and_scores():
     assert float(merged.scores[1]) == max(float(chain.scores[1]), float(look.scores[1]))
     same, _ = merge_trees(chain, chain)
     assert same.tokens.tolist() == chain.tokens.tolist()
+
+
+def test_merge_carries_each_sources_own_probabilities():
+    from quanttree.tree import SOURCES, node_origins, with_source
+
+    chain = with_source(build_chain(torch.log(torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]])), root=0), 0)
+    idx = NgramIndex()
+    idx.extend([5, 0, 1, 2, 7, 0, 1, 3, 0])  # the root 0 came before: followed by 1 2 and 1 3
+    found = idx.continuations(depth=2)
+    look = with_source(lookup_tree(found, root=0, budget=4), 1)
+    merged, from_b = merge_trees(chain, look)
+    assert merged.own.shape == (merged.size + 1, len(SOURCES))
+    origins = node_origins(merged)
+    # the chain's first node (token 1) is also the lookup's: one node, both estimates kept
+    assert origins[0] == "both" and merged.own[1, 0] == pytest.approx(0.6) and merged.own[1, 1] == 1.0
+    assert origins.count("drafter") == 1 and origins.count("lookup") == 2  # 0 after 1; 2 and 3 after 1
+    assert torch.isnan(merged.own[2:, 0]).sum() == 2 and torch.isnan(merged.own[2:, 1]).sum() == 1
+    assert all(int(merged.parents[i]) < i for i in range(1, merged.size + 1))
+
+
+def test_sizer_rates_a_node_by_its_best_source_and_learns_per_source():
+    from quanttree.costmodel import CostModel, CostProfile
+    from quanttree.policy import TreeSizer
+    from quanttree.tree import with_source
+
+    profile = CostProfile(key={}, sizes=[1, 2, 4, 8], contexts=[1, 4096],
+                          verify_ms=[[10.0, 10.1, 10.2, 10.3]] * 2, draft_ms=[0.1, 0.1])
+    sizer = TreeSizer("auto", CostModel(profile), cap=8)
+    look = with_source(lookup_tree([Continuation((5, 6), 3, 3)], root=0, budget=4), 3)  # 3-token match
+    for _ in range(200):  # a 3-token match's continuation is always accepted
+        sizer.observe(look, torch.tensor([0, 1, 2]), 3, 100, 10.0, 0.1)
+    rates = sizer.lookup_calibrators[2].rates()
+    assert rates[0, -1] > 0.95  # learned: depth 1, own probability 1.0
+    assert np.allclose(sizer.calibrator.trials, AcceptanceCalibrator().trials)  # the drafter's map: untouched
+    path = sizer.calibrate_sources(look)
+    assert path[1] > 0.9 and path[2] > 0.8
+    chosen = sizer.choose(look, 100, drafted=False)
+    assert chosen.size == 2  # cheap verification and sure nodes: both go

@@ -1,0 +1,43 @@
+"""Issue 15: `auto` merges the drafter's and n-gram lookup's drafts in one tree, and speculates
+without a drafter; exact, with per-source counts."""
+
+from __future__ import annotations
+
+import quanttree
+from quanttree.costmodel import CostModel, CostProfile
+
+# answers that copy: a list the prompt spells out, asked back
+COPY_PROMPT = ("Here is a list: alpha beta gamma delta epsilon zeta eta theta iota kappa. "
+               "Write the list again, exactly as given, then once more.")
+
+
+def cheap_cost(engine) -> None:
+    """A verify cost that makes every sure node pay, so the test sees both sources used."""
+    engine._cost = CostModel(CostProfile(key={}, sizes=[1, 2, 4, 8, 16, 32], contexts=[1, 4096],
+                                         verify_ms=[[10.0, 10.1, 10.2, 10.3, 10.4, 10.5]] * 2,
+                                         draft_ms=[0.1, 0.1]))
+
+
+def test_auto_without_a_drafter_speculates_with_lookup_and_stays_exact(embedded_engine):
+    engine = embedded_engine  # fp32, no drafter
+    assert engine.default_method == "auto"
+    cheap_cost(engine)
+    ar = engine.generate(COPY_PROMPT, method="ar", max_new_tokens=64)
+    out = engine.generate(COPY_PROMPT, max_new_tokens=64)
+    assert out.token_ids == ar.token_ids
+    assert out.stats.method == "auto" and set(out.stats.by_source) == {"lookup"}
+    drafted, accepted = out.stats.by_source["lookup"]
+    assert accepted >= 10 and out.stats.rounds < len(ar.token_ids) - 10  # copied tokens came in groups
+
+
+def test_auto_merges_drafter_and_lookup():
+    engine = quanttree.load("smollm2-135m", quant="fp32", device="cpu", log=lambda *_: None)
+    cheap_cost(engine)
+    ar = engine.generate(COPY_PROMPT, method="ar", max_new_tokens=64)
+    out = engine.generate(COPY_PROMPT, method="auto", max_new_tokens=64)
+    assert out.token_ids == ar.token_ids
+    sources = out.stats.by_source
+    assert sources.get("drafter", [0, 0])[0] > 0 and sources.get("lookup", [0, 0])[0] + sources.get("both", [0, 0])[0] > 0
+    accepted_copy = sources.get("lookup", [0, 0])[1] + sources.get("both", [0, 0])[1]
+    assert accepted_copy >= 10, sources
+    assert "accepted/drafted" in out.stats.summary()
