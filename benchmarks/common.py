@@ -42,6 +42,6 @@ def write_results(name: str, command: str, table: str, rows: list[dict]) -> Path
 
 def chat_prompts(n: int | None = None) -> list[str]:
     """The chat suite written for measuring (never for training): 48 varied instructions."""
-    lines = (Path(__file__).parent / "chat_prompts.jsonl").read_text().splitlines()
-    prompts = [json.loads(line)["prompt"] for line in lines if line.strip()]
-    return prompts[:n] if n else prompts
+    from quanttree.bench import chat
+
+    return chat(n)

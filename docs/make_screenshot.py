@@ -8,10 +8,8 @@ Uses Debian's Chromium (/usr/bin/chromium); playwright's own browser download is
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import socket
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,10 +23,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=600, help="seconds to wait for both runs")
     args = parser.parse_args()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    spec = importlib.util.spec_from_file_location("quanttree_app", ROOT / "apps" / "app.py")
-    app = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = app
-    spec.loader.exec_module(app)
+    import quanttree.app as app
+
     cache = app.EngineCache()
     cache.get("auto", "same")  # load before serving, so the page does not wait on it
     with socket.socket() as s:

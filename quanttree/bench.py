@@ -19,17 +19,17 @@ from pathlib import Path
 
 import torch
 
-from .decode import DRAFT_METHODS
+from .decode import DRAFT_METHODS, METHODS
 from .errors import QuanttreeError
 
-REPO = Path(__file__).resolve().parents[1]
-OUR_METHODS = ("ar", "lookup", "dflash", "ddtree", "caddtree", "bastion", "auto", "d2sd")
+OUR_METHODS = METHODS  # the one registry (quanttree.decode.METHODS)
 # bench-only variants of our methods: d2sd re-drafting with the DFlash weights (no VP drafter), and
 # ddtree at the default budget with the drafter quantized like a 4/8-bit target (by default the
 # drafter only follows the target's compute dtype): the acceptance lost to quantizing the drafter,
 # beside "tau vs fp32", the acceptance lost to quantizing the target
 VARIANTS = {"d2sd_dflash": "d2sd", "ddtree_quant_drafter": "ddtree"}  # row name -> the method it runs
-PEERS = ("hf_generate", "hf_prompt_lookup", "hf_assisted", "llama_cpp")
+PEERS = ("hf_generate", "hf_prompt_lookup", "hf_assisted", "llama_cpp", "llama_cpp_lookup")
+LLAMA_CPP_LOOKUP_TOKENS = 10  # llama.cpp's prompt-lookup draft length (transformers' default is 10 too)
 
 
 @dataclass(frozen=True)
@@ -67,11 +67,13 @@ def humaneval(n: int, offset: int = 0) -> list[str]:
     return [f"Complete this Python function.\n```python\n{p['prompt']}```" for p in problems[offset:offset + n]]
 
 
-def chat(n: int) -> list[str]:
-    path = REPO / "benchmarks" / "chat_prompts.jsonl"
-    if not path.exists():
-        raise QuanttreeError(f"{path} not found: run the chat suite from a clone of the repository")
-    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()][:n]
+CHAT_PROMPTS = Path(__file__).parent / "data" / "chat_prompts.jsonl"  # package data: written for measuring
+
+
+def chat(n: int | None = None) -> list[str]:
+    """The chat suite (48 varied instructions, never training data)."""
+    prompts = [json.loads(line)["prompt"] for line in CHAT_PROMPTS.read_text().splitlines() if line.strip()]
+    return prompts[:n] if n else prompts
 
 
 def load_suite(name: str, n: int) -> list[tuple[str, str]]:
@@ -164,18 +166,36 @@ def run_llama_cpp(llm, prompt_ids: list[int], max_new: int) -> dict:
             "ids": new, "peak_mb": 0.0}
 
 
-def llama_cpp_model(target: str):
-    """llama-cpp-python on the same GGUF file, when that optional package is installed."""
+def llama_cpp_model(target: str, lookup: bool = False):
+    """llama-cpp-python on the same GGUF file (threads pinned like ours), when that optional
+    package is installed (scripts/install_llama_cpp.sh); lookup: with llama.cpp's own draftless
+    speculation (LlamaPromptLookupDecoding). -> (model, None) or (None, why not)."""
     if importlib.util.find_spec("llama_cpp") is None:
-        return None, "llama-cpp-python not installed (optional; see cpu notes in the README)"
+        return None, "llama-cpp-python not installed (optional: bash scripts/install_llama_cpp.sh)"
     from .models import EMBEDDED_MODELS, embedded_gguf
 
     path = embedded_gguf(target) if target in EMBEDDED_MODELS else (Path(target) if target.endswith(".gguf") else None)
     if path is None:
-        return None, "llama.cpp row needs a GGUF target"
+        return None, "llama.cpp rows need a GGUF target"
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), n_ctx=2048, n_threads=torch.get_num_threads(), verbose=False), None
+    draft = None
+    if lookup:
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=LLAMA_CPP_LOOKUP_TOKENS)
+    threads = torch.get_num_threads()
+    return Llama(model_path=str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False,
+                 draft_model=draft), None
+
+
+def llama_cpp_build() -> str:
+    """Which llama.cpp ran: the package version and the CPU features it was built with."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info()
+    info = info.decode() if isinstance(info, bytes) else str(info)
+    return f"llama-cpp-python {llama_cpp.__version__}: {info.strip()}"
 
 
 def hf_prefill_s(engine, prompt_ids: list[int]) -> float:
@@ -203,8 +223,12 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
         log(f"resuming: {len(done)} of {len(cfg.quants) * len(prompts)} (quant, prompt) runs already in {cfg.out}")
     notes: list[str] = []
     llm, why = (llama_cpp_model(cfg.target) if "llama_cpp" in cfg.methods else (None, None))
-    if why:
-        notes.append(f"llama.cpp row skipped: {why}")
+    llm_lookup, why_lookup = (llama_cpp_model(cfg.target, lookup=True) if "llama_cpp_lookup" in cfg.methods
+                              else (None, None))
+    if why or why_lookup:
+        notes.append(f"llama.cpp rows skipped: {why or why_lookup}")
+    if llm is not None or llm_lookup is not None:
+        notes.append(f"llama.cpp build: {llama_cpp_build()} (the same GGUF file, {torch.get_num_threads()} threads)")
     bar = tqdm(total=len(cfg.quants) * len(prompts), initial=len(done), desc="bench", unit="prompt")
     profiles = {}
     for quant in cfg.quants:
@@ -239,7 +263,8 @@ def bench(cfg: BenchConfig, log=print) -> list[dict]:
                                "d2sd_dflash": (max(cfg.budgets),), "ddtree_quant_drafter": (DEFAULT_BUDGET,),
                                **{m: (DEFAULT_CAP,) for m in ADAPTIVE_METHODS}}.get(method, (None,))
                     for budget in budgets:  # d2sd: trimmed to the largest budget; None: the method's default
-                        result = _run_one(engine, variants, method, budget, prompt, prompt_ids, cfg, assistant, llm)
+                        result = _run_one(engine, variants, method, budget, prompt, prompt_ids, cfg, assistant,
+                                          (llm, llm_lookup))
                         if result is not None:
                             batch.append(_row(quant, suite, index, prompt, method, budget, result, ar, weights_mb,
                                               rep))
@@ -295,7 +320,8 @@ def variant_engines(engine, cfg: BenchConfig, notes: list[str]) -> dict:
     return out
 
 
-def _run_one(engine, variants, method, budget, prompt, prompt_ids, cfg, assistant, llm):
+def _run_one(engine, variants, method, budget, prompt, prompt_ids, cfg, assistant, llms):
+    llm, llm_lookup = llms
     if method in OUR_METHODS:
         return run_ours(engine, prompt, method, budget, cfg.max_new_tokens)
     if method in variants:
@@ -310,6 +336,8 @@ def _run_one(engine, variants, method, budget, prompt, prompt_ids, cfg, assistan
                       assistant_model=assistant)
     if method == "llama_cpp" and llm is not None:
         return run_llama_cpp(llm, prompt_ids, cfg.max_new_tokens)
+    if method == "llama_cpp_lookup" and llm_lookup is not None:
+        return run_llama_cpp(llm_lookup, prompt_ids, cfg.max_new_tokens)
     return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .errors import QuanttreeError
 from .models import DEFAULT_TARGET, QUANT_MODES
@@ -117,9 +118,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_generate(args) -> int:
-    from .engine import load
+def check_model_args(args) -> None:
+    """Names and paths checked before anything loads or converts (a bad one is one line, fast)."""
+    from .models import check_target
 
+    check_target(args.target)
+    for flag, value in (("--drafter", args.drafter), ("--vp-drafter", getattr(args, "vp_drafter", "auto"))):
+        if value in ("auto", "none") or value is None:
+            continue
+        if not Path(value).expanduser().exists() and ("/" not in value or value.startswith((".", "/", "~"))):
+            raise QuanttreeError(f"{flag} {value}: no such directory (pass a drafter directory, a hub id "
+                                 "'org/name', 'auto' or 'none')")
+
+
+def cmd_generate(args) -> int:
+    from .engine import check_prompt, load, request_config
+
+    check_prompt(args.prompt)
+    request_config(args.method, args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed,
+                   args.budget, args.branches, has_drafter=False if args.drafter == "none" else None)
+    check_model_args(args)
     drafter = None if args.drafter == "none" else args.drafter
     engine = load(target=args.target, drafter=drafter, quant=args.quant, drafter_quant=args.drafter_quant,
                   device=args.device, vp_drafter=None if args.vp_drafter == "none" else args.vp_drafter,
@@ -173,7 +191,6 @@ def cmd_info(args) -> int:
 
 
 def cmd_train_drafter(args) -> int:
-    from pathlib import Path
 
     from .engine import load
     from .train.datagen import GenConfig
@@ -209,9 +226,11 @@ def cmd_calibrate(args) -> int:
     from .engine import load
 
     measured = {}
+    bad = [q for q in args.quant.split(",") if q not in QUANT_MODES]
+    if bad:
+        raise QuanttreeError(f"unknown quant modes {bad}: choose from {', '.join(QUANT_MODES)}")
+    check_model_args(args)
     for quant in args.quant.split(","):
-        if quant not in QUANT_MODES:
-            raise QuanttreeError(f"unknown quant mode {quant!r}: choose from {', '.join(QUANT_MODES)}")
         drafter = None if args.drafter == "none" else args.drafter
         engine = load(target=args.target, drafter=drafter, quant=quant, drafter_quant=args.drafter_quant,
                       device=args.device, exact=args.exact, log=lambda msg: print(msg, file=sys.stderr))
@@ -232,7 +251,6 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from pathlib import Path
 
     from .bench import OUR_METHODS, PEERS, VARIANTS, BenchConfig, bench, quick
 
@@ -257,19 +275,13 @@ def cmd_bench(args) -> int:
 
 def cmd_app(args) -> int:
     import importlib.util
-    from pathlib import Path
 
-    app_file = Path(__file__).resolve().parents[1] / "apps" / "app.py"
     if importlib.util.find_spec("gradio") is None:
         raise QuanttreeError("the app needs gradio: pip install 'quanttree[app]' (or bash scripts/install.sh)")
-    if not app_file.exists():
-        raise QuanttreeError(f"{app_file} not found: run the app from a clone of the quanttree repository")
-    spec = importlib.util.spec_from_file_location("quanttree_app", app_file)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while executing it
-    spec.loader.exec_module(module)
-    module.main(host=args.host, port=args.port, target=args.target,
-                drafter=None if args.drafter == "none" else args.drafter, device=args.device)
+    from .app import main as app_main
+
+    app_main(host=args.host, port=args.port, target=args.target,
+             drafter=None if args.drafter == "none" else args.drafter, device=args.device)
     return 0
 
 

@@ -175,7 +175,8 @@ def propose(method: str, draft: DraftContext | None, root: int, start: int, cfg:
             lookup = prune_to_chain(lookup) if chain_only else lookup
         times.build += clock() - t0
     if draft is None or (sizer is not None and not sizer.should_draft(start)):
-        if lookup is None or sizer is None or sizer.schedule:  # exploring: a plain round is a plain round
+        # exploring with a drafter, "no draft" is the schedule's plain round: measured as one
+        if lookup is None or sizer is None or (sizer.schedule and draft is not None):
             return root_only(root)
         t0 = clock()
         tree = sizer.choose(lookup, start, drafted=False)  # n-gram nodes cost no drafter pass

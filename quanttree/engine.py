@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
-from .decode import DRAFT_METHODS, METHODS, DecodeConfig, PhaseTimes, Step, decode
+from .decode import DRAFT_METHODS, METHODS, Clock, DecodeConfig, DraftContext, PhaseTimes, Step, decode
 from .drafter import DFlashDrafter, build_drafter, check_fits_target, drafter_identity, quantize_linears, \
     read_draft_vocab, read_drafter, resolve_drafter_dir
-from .costmodel import CostModel, learned_path, measure_profile, profile_key, profile_path
+from .costmodel import CostModel, CostProfile, learned_path, profile_key, profile_path
 from .errors import QuanttreeError
 from .models import BNB_MODES, DEFAULT_TARGET, EMBEDDED_MODELS, LoadedTarget, compute_dtype, load_target, \
     resolve_quant
@@ -277,24 +277,9 @@ class Engine:
 
     def decode_config(self, method: str, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                       seed: int | None, budget: int | None, branches: int = 4) -> DecodeConfig:
-        method = method or self.default_method
-        if budget is None:  # ddtree: the best fixed budget measured on CPU bf16; adaptive methods: their cap;
-            # d2sd: the whole merged tree (at most (branches + 1) x (block - 1) nodes)
-            budget = {"d2sd": D2SD_UNTRIMMED}.get(method, DEFAULT_CAP if method in ADAPTIVE_METHODS else DEFAULT_BUDGET)
-        if method not in METHODS:
-            raise QuanttreeError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-        if method in DRAFT_METHODS and self.drafter is None:
-            raise QuanttreeError(f"method {method!r} needs a drafter: quanttree.load(..., drafter=PATH), or use "
-                                 "'auto' or 'lookup' (n-gram drafts, no drafter)")
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
-            raise QuanttreeError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if not isinstance(budget, int) or budget < 1:
-            raise QuanttreeError(f"budget must be a positive integer (tree nodes), got {budget!r}")
-        if not isinstance(branches, int) or branches < 1:
-            raise QuanttreeError(f"branches must be a positive integer (d2sd re-drafted points), got {branches!r}")
-        return DecodeConfig(method=method, max_new_tokens=max_new_tokens, budget=budget, branches=branches,
-                            sampling=SamplingParams(temperature, top_p, top_k, seed),
-                            eos_token_ids=self.eos_token_ids)
+        cfg = request_config(method or self.default_method, max_new_tokens, temperature, top_p, top_k, seed, budget,
+                             branches, has_drafter=self.drafter is not None)
+        return replace(cfg, eos_token_ids=self.eos_token_ids)
 
     def check_length(self, prompt_ids: list[int], max_new_tokens: int) -> None:
         if not prompt_ids:
@@ -402,6 +387,35 @@ def _eos_ids(model, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
+def request_config(method: str | None, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                   top_k: int = 0, seed: int | None = None, budget: int | None = None, branches: int = 4,
+                   has_drafter: bool | None = True) -> DecodeConfig:
+    """A generation request checked without any model (the CLI checks it before loading one);
+    has_drafter None: not known yet. One QuanttreeError sentence per bad value."""
+    method = method or "auto"
+    if budget is None:  # ddtree: the best fixed budget measured on CPU bf16; adaptive methods: their cap;
+        # d2sd: the whole merged tree (at most (branches + 1) x (block - 1) nodes)
+        budget = {"d2sd": D2SD_UNTRIMMED}.get(method, DEFAULT_CAP if method in ADAPTIVE_METHODS else DEFAULT_BUDGET)
+    if method not in METHODS:
+        raise QuanttreeError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if method in DRAFT_METHODS and has_drafter is False:
+        raise QuanttreeError(f"method {method!r} needs a drafter: quanttree.load(..., drafter=PATH), or use "
+                             "'auto' or 'lookup' (n-gram drafts, no drafter)")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+        raise QuanttreeError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not isinstance(budget, int) or budget < 1:
+        raise QuanttreeError(f"budget must be a positive integer (tree nodes), got {budget!r}")
+    if not isinstance(branches, int) or branches < 1:
+        raise QuanttreeError(f"branches must be a positive integer (d2sd re-drafted points), got {branches!r}")
+    return DecodeConfig(method=method, max_new_tokens=max_new_tokens, budget=budget, branches=branches,
+                        sampling=SamplingParams(temperature, top_p, top_k, seed))
+
+
+def check_prompt(prompt: Prompt) -> None:
+    """A prompt string with some text, or a non-empty list of chat messages."""
+    _as_messages(prompt)
+
+
 def _as_messages(prompt: Prompt) -> list[dict]:
     if isinstance(prompt, str):
         if not prompt.strip():
@@ -496,6 +510,61 @@ def load(target: str = DEFAULT_TARGET, drafter: str | None = "auto", quant: str 
         vp_model, _ = load_drafter(vp_drafter, target_view, drafter_quant)
         check_same_features(model, vp_model)
     return Engine(loaded, model, mode, vp_model, exact=exact)
+
+
+def measure_profile(engine, sizes=None, contexts=None, repeats: int = 5, warmup: int = 2,
+                    progress: bool = True) -> CostProfile:
+    """Time verify forwards of tree-shaped inputs (ancestor masks, as in decoding) over a grid of
+    sizes and context lengths, and one drafter pass per context; medians after warm-ups."""
+    from tqdm import tqdm
+
+    from . import kvcache
+    from .costmodel import DEFAULT_CONTEXTS, DEFAULT_SIZES, median_ms, model_shape
+    from .tree import build_tree, compile_tree
+
+    sizes = sizes or DEFAULT_SIZES
+    contexts = contexts or DEFAULT_CONTEXTS
+    target, clock = engine.target, Clock(engine.device)
+    gen = torch.Generator().manual_seed(0)
+    limit = target.max_positions or 4096
+    contexts = [c for c in contexts if c + max(sizes) < limit] or [min(contexts)]
+    verify, draft = [], []
+    bar = tqdm(total=len(contexts) * len(sizes), desc="calibrating verify cost", unit="size", disable=not progress)
+    for context in contexts:
+        cache = kvcache.new_target_cache(target.model)
+        prompt = torch.randint(0, target.vocab_size, (1, context), generator=gen)
+        out = target.forward(prompt, torch.arange(context)[None], cache, last_only=True,
+                             feature_layers=tuple(engine.drafter.config.target_layer_ids) if engine.drafter else ())
+        row = []
+        for size in sizes:
+            lp = torch.log_softmax(torch.randn(15, 64, generator=gen) * 2, -1)
+            inputs = compile_tree(build_tree(lp, 1, size - 1), context, target.dtype)
+            samples = []
+            for rep in range(warmup + repeats):
+                t0 = clock()
+                target.forward(inputs.input_ids, inputs.position_ids, cache, inputs.attention_mask)
+                if rep >= warmup:
+                    samples.append(clock() - t0)
+                kvcache.crop(cache, context)
+            row.append(median_ms(samples))
+            bar.update(1)
+        verify.append(row)
+        if engine.drafter is not None:
+            ctx = DraftContext(engine.drafter, target)
+            ctx.commit(out.features, torch.arange(context))
+            ctx.log_probs(1, context)  # absorbs the context
+            samples = []
+            for rep in range(warmup + repeats):
+                t0 = clock()
+                ctx.log_probs(1, context)
+                if rep >= warmup:
+                    samples.append(clock() - t0)
+            draft.append(median_ms(samples))
+        else:
+            draft.append(0.0)
+    bar.close()
+    return CostProfile(key=profile_key(engine), sizes=list(sizes), contexts=list(contexts), verify_ms=verify,
+                       draft_ms=draft, overhead_ms=1.0, shape=model_shape(target.model, engine.quant))
 
 
 def exact_unavailable(engine: Engine) -> str | None:

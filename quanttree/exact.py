@@ -173,20 +173,30 @@ _plans: dict = {}
 
 
 def _plan_rows(visible: torch.Tensor, device) -> RowPlan:
-    """visible [Q, K] bool -> the RowPlan, tracking which original key each slot holds."""
+    """visible [Q, K] bool -> the RowPlan. Tracks which original key each moved slot holds; a row
+    whose visible keys start with the cache's own first c slots (the prompt) only looks at its
+    tail and at slots an earlier row moved, so a plan costs O(tree) Python steps, not O(context)."""
     q_len, kv_len = visible.shape
-    holds = list(range(kv_len))  # holds[s]: the original key now in slot s
+    moved: dict[int, int] = {}  # slot -> the original key it holds now (absent: its own)
     lengths, moves, base = [], [], kv_len
+    positions = torch.arange(kv_len)
     for i in range(q_len):
-        idx = visible[i].nonzero().squeeze(1).tolist()
-        slots = [s for s, k in enumerate(idx) if holds[s] != k]
-        lengths.append(len(idx))
+        idx = visible[i].nonzero().squeeze(1)
+        n = idx.numel()
+        in_place = int((idx == positions[:n]).int().cumprod(0).sum()) if n else 0  # keys already in their slots
+        want = {s: s for s in moved if s < in_place}  # slots an earlier row moved: put their own keys back
+        want.update(zip(range(in_place, n), idx[in_place:].tolist()))
+        slots = sorted(s for s, k in want.items() if moved.get(s, s) != k)
+        lengths.append(n)
         if not slots:
             moves.append(None)
             continue
-        sources = [idx[s] for s in slots]
+        sources = [want[s] for s in slots]
         for s, k in zip(slots, sources):
-            holds[s] = k
+            if s == k:
+                moved.pop(s, None)
+            else:
+                moved[s] = k
         base = min(base, slots[0], min(sources))
         moves.append((torch.tensor(slots, device=device), torch.tensor(sources, device=device)))
     return RowPlan(lengths, moves, base)

@@ -194,29 +194,43 @@ def _plain_copy(gguf_model):
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
-def resolve_target_path(target: str, log=print) -> str:
-    """A local model directory (converting GGUF as needed) or a hub id for transformers."""
-    if not isinstance(target, str) or not target.strip():
-        raise QuanttreeError("target must be a model name, a local path or a hub id, e.g. 'smollm2-135m'")
-    if target in EMBEDDED_MODELS:
-        return str(convert_gguf(embedded_gguf(target), log))
-    path = Path(target).expanduser()
-    if path.exists():
-        if path.is_file() and path.suffix == ".gguf":
-            return str(convert_gguf(path, log))
-        if path.is_dir() and (path / "config.json").is_file():
-            return str(path)
+def check_target(target: str) -> None:
+    """The target names an embedded model, an existing model directory or .gguf file, or a hub id
+    (checked without loading or converting anything)."""
+    if isinstance(target, str) and target in EMBEDDED_MODELS:
+        return
+    path = Path(target).expanduser() if isinstance(target, str) and target.strip() else None
+    if path is not None and path.exists() and not (
+            (path.is_file() and path.suffix == ".gguf") or (path.is_dir() and (path / "config.json").is_file())):
         raise QuanttreeError(
             f"{target} is neither a .gguf file nor a model directory with config.json: "
             "pass a Hugging Face model directory, a .gguf file or a hub id"
         )
+    if path is None or not path.exists():
+        _check_hub_id(target)
+
+
+def _check_hub_id(target) -> None:
+    if not isinstance(target, str) or not target.strip():
+        raise QuanttreeError("target must be a model name, a local path or a hub id, e.g. 'smollm2-135m'")
     if _HUB_ID.match(target) and not target.startswith((".", "/", "~")):
-        return target  # a hub id: transformers downloads it (needs network)
+        return
     names = ", ".join(EMBEDDED_MODELS)
     raise QuanttreeError(
         f"model {target!r} not found: it is not an embedded model ({names}), not an existing path, "
         "and not a hub id of the form 'org/name'"
     )
+
+
+def resolve_target_path(target: str, log=print) -> str:
+    """A local model directory (converting GGUF as needed) or a hub id for transformers."""
+    check_target(target)
+    if target in EMBEDDED_MODELS:
+        return str(convert_gguf(embedded_gguf(target), log))
+    path = Path(target).expanduser()
+    if path.is_file():
+        return str(convert_gguf(path, log))
+    return str(path) if path.is_dir() else target  # a hub id: transformers downloads it (needs network)
 
 
 def load_target(

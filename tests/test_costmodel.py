@@ -247,7 +247,7 @@ def plain_round():
 
 def test_adaptive_methods_are_lossless_and_auto_falls_back_to_ar(tiny_dirs, tmp_path, monkeypatch):
     import quanttree
-    from quanttree.costmodel import measure_profile
+    from quanttree.engine import measure_profile
 
     monkeypatch.setenv("QUANTTREE_CACHE", str(tmp_path / "cache"))
     engine = quanttree.load(str(tiny_dirs["qwen3"]), drafter=str(tiny_dirs["qwen3-drafter"]), quant="fp32",

@@ -108,6 +108,21 @@ def test_plan_puts_each_rows_keys_first_in_order():
     assert chain.moves == [None] * 3 and chain.lengths == [5, 6, 7]  # chains need no moves
 
 
+def test_plan_puts_back_a_slot_an_earlier_row_moved():
+    vis = torch.zeros(3, 6, dtype=torch.bool)
+    vis[:, :3] = True
+    vis[0, 4] = True  # a node in slot 4 whose parent is the root: moved into slot 3
+    vis[1, 3] = True  # then a node that sees slot 3's own key: it must be put back
+    vis[2, [3, 5]] = True
+    plan = _plan_rows(vis, torch.device("cpu"))
+    slots, original = list(range(6)), list(range(6))
+    for i in range(3):
+        if plan.moves[i] is not None:
+            for s, src in zip(*[t.tolist() for t in plan.moves[i]]):
+                slots[s] = original[src]
+        assert slots[:plan.lengths[i]] == vis[i].nonzero().squeeze(1).tolist(), i
+
+
 def test_plans_are_computed_once_per_mask():
     _, _, _, _, mask = tree_case(10, 6, seed=5)
     assert row_plan(mask, 0, 6, 16, torch.device("cpu")) is row_plan(mask, 0, 6, 16, torch.device("cpu"))
@@ -134,11 +149,12 @@ def test_bf16_greedy_speculation_is_plain_decoding_on_the_embedded_model(bf16_en
             assert out.token_ids == ar.token_ids, (prompt, method)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt_oss"])
-def test_bf16_greedy_speculation_is_plain_decoding_on_tiny_models(tmp_path, tokenizer, kind):
+@pytest.mark.parametrize("kind,quant", [("llama", "bf16"), ("gpt_oss", "bf16"), ("llama", "fp16"),
+                                        ("llama", "nf4")])
+def test_greedy_speculation_is_plain_decoding_on_tiny_models(tmp_path, tokenizer, kind, quant):
     target = make_tiny_target(tmp_path / kind, kind, tokenizer, head_scale=0.2)
     drafter = make_tiny_drafter(tmp_path / "drafter", target)
-    engine = quanttree.load(str(target), drafter=str(drafter), quant="bf16", device="cpu", log=lambda *_: None)
+    engine = quanttree.load(str(target), drafter=str(drafter), quant=quant, device="cpu", log=lambda *_: None)
     assert engine.exact
     cheap_cost(engine)
     prompt = "def add(a, b):\n    return"

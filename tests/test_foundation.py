@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -152,6 +153,24 @@ def test_cli_generate_compare_and_errors():
     assert bad.stderr.strip().count("\n") == 0 and "max_new_tokens" in bad.stderr
     missing = run_cli("generate", "hi", "--target", "/no/such/dir")
     assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+@pytest.mark.parametrize("args,words", [
+    (["generate", ""], "prompt is empty"),
+    (["generate", "hi", "--temperature", "-1"], "temperature"),
+    (["generate", "hi", "--top-p", "0"], "top_p"),
+    (["generate", "hi", "--budget", "0"], "budget"),
+    (["generate", "hi", "--drafter", "./no-such-drafter"], "no such directory"),
+    (["generate", "hi", "--drafter", "none", "--method", "ddtree"], "needs a drafter"),
+    (["calibrate", "--quant", "bf16,int4"], "unknown quant modes"),
+])
+def test_cli_checks_arguments_before_loading_anything(tmp_path, args, words):
+    """A bad argument on a fresh machine is one line and exit 2, before any model is converted."""
+    env = {**os.environ, "QUANTTREE_CACHE": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-m", "quanttree", *args], capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert out.returncode == 2 and words in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr
+    assert not (tmp_path / "cache" / "models").exists()  # nothing was converted
 
 
 def test_cli_info():

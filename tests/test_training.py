@@ -40,7 +40,7 @@ def test_pool_has_no_benchmark_prompts():
         doc = p["prompt"].split('"""')[1].strip().split("\n")[0] if '"""' in p["prompt"] else ""
         if len(doc) > 25:
             assert doc not in text, p["task_id"]
-    chat_suite = Path(__file__).parents[1] / "benchmarks" / "chat_prompts.jsonl"
+    chat_suite = Path(__file__).parents[1] / "quanttree" / "data" / "chat_prompts.jsonl"
     if chat_suite.exists():
         for line in chat_suite.read_text().splitlines():
             assert json.loads(line)["prompt"] not in text

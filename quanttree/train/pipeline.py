@@ -134,11 +134,8 @@ def run_train_stage(engine, paths: TrainPaths, cfg, out: Path, minutes: float | 
     (Path(out) / "training.json").write_text(json.dumps(
         {"step": trainer.step, "minutes": round(trainer.minutes, 1), "sequences": len(cache),
          "config": asdict(cfg), "last_eval": trainer.evaluate(), "history": trainer.history}, indent=2))
-    try:  # the learning curve beside the weights (matplotlib is in the `plots` extra)
-        from ..plots import plot_learning_curve
+    from ..plots import plot_learning_curve
 
-        plot_learning_curve(trainer.history, Path(out) / "learning_curve.png")
-    except ImportError:
-        log("matplotlib is not installed: no learning-curve plot (pip install matplotlib)")
+    plot_learning_curve(trainer.history, Path(out) / "learning_curve.png")  # beside the weights
     log(f"exported drafter at step {trainer.step} to {out}")
     return exported

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Optional: llama.cpp (llama-cpp-python) as a peer in `quanttree bench` (rows llama_cpp and
+# llama_cpp_lookup). Never needed by quanttree itself or by CI.
+#   bash scripts/install_llama_cpp.sh
+# It compiles llama.cpp (12-15 minutes on 2 cores). The portable build: the native build crashes
+# on these machines at the first decode (an AVX-512/AMX path in libggml-cpu); AVX2 + FMA + F16C
+# runs everywhere x86-64 v3 does. The bench notes say which build ran (llama_print_system_info).
+set -euo pipefail
+CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF" \
+  python3 -m pip install --disable-pip-version-check -q --no-cache-dir llama-cpp-python==0.3.36
+python3 -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, 'installed')"
