@@ -165,19 +165,6 @@ class Engine:
             self.target.set_exact(bool(exact), rows or 2)
             self._cost, self._learned, self._sizers = None, {}, {}
 
-    def exact_default_off(self) -> str | None:
-        """Why exact mode is off by default here (None when it is on by default)."""
-        from .exact import min_exact_rows
-
-        reason = exact_unavailable(self)
-        if reason:
-            return reason
-        rows = min_exact_rows(self.target.model)[0]
-        if rows > EXACT_DEFAULT_ROWS:
-            return (f"this device's {self.quant} matmuls give a row the same numbers only from {rows} rows per "
-                    f"forward, so every decoded token would run as {rows} rows")
-        return None
-
     def cost_model(self, progress: bool = True, remeasure: bool = False) -> CostModel:
         """This engine's measured cost model: cached in memory and on disk (keyed by model, drafter,
         quant modes, device, threads and library versions); measured on first use, followed by
