@@ -65,6 +65,22 @@ def test_cache_build_resumes_and_refuses_another_build(tiny_engine, tmp_path):
         build_cache(tiny_engine.target, seqs, path, (0, 1), top_k=4, log=lambda *_: None)
 
 
+def test_cache_grows_with_new_data_and_keeps_what_it_wrote(tiny_engine, tmp_path):
+    seqs = sequences(5, 24)
+    grown = build_cache(tiny_engine.target, seqs[:3], tmp_path / "g", LAYERS, top_k=4, log=lambda *_: None)
+    first = [grown.feature_rows(i).clone() for i in range(3)]
+    grown = build_cache(tiny_engine.target, seqs, tmp_path / "g", LAYERS, top_k=4, log=lambda *_: None)
+    fresh = build_cache(tiny_engine.target, seqs, tmp_path / "f", LAYERS, top_k=4, log=lambda *_: None)
+    assert len(grown) == 5 and list(grown.pool_index) == [0, 1, 2, 3, 4]
+    for i in range(5):
+        assert torch.equal(grown.feature_rows(i), fresh.feature_rows(i))
+        assert torch.equal(grown.soft_labels(i)[1], fresh.soft_labels(i)[1])
+    assert all(torch.equal(first[i], grown.feature_rows(i)) for i in range(3))
+    changed = [(s[0][::-1].copy(), s[1], s[2]) for s in seqs]  # not an extension of what is cached
+    with pytest.raises(ValueError, match="different feature cache"):
+        build_cache(tiny_engine.target, changed + changed, tmp_path / "g", LAYERS, top_k=4, log=lambda *_: None)
+
+
 def test_distillation_loss_is_the_cross_entropy_to_the_targets_top_k(tiny_engine, tmp_path):
     seqs = sequences(4, 30)
     cache = build_cache(tiny_engine.target, seqs, tmp_path / "f", LAYERS, top_k=16, log=lambda *_: None)

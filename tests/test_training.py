@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -41,9 +42,27 @@ def test_pool_has_no_benchmark_prompts():
         if len(doc) > 25:
             assert doc not in text, p["task_id"]
     chat_suite = Path(__file__).parents[1] / "quanttree" / "data" / "chat_prompts.jsonl"
-    if chat_suite.exists():
-        for line in chat_suite.read_text().splitlines():
-            assert json.loads(line)["prompt"] not in text
+    assert chat_suite.exists()
+    pool_grams = set().union(*(word_grams(p) for p in pool))
+    for line in chat_suite.read_text().splitlines():
+        prompt = json.loads(line)["prompt"]
+        assert prompt not in text
+        assert not word_grams(prompt) & pool_grams, prompt  # no 8 words in a row shared either
+
+
+def word_grams(text: str, n: int = 8) -> set[tuple[str, ...]]:
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_pool_keeps_the_first_data_sets_indices_and_adds_chat():
+    from quanttree.train.chat_pool import chat_pool
+    from quanttree.train.prompts import FIRST_DATA_PROMPTS
+
+    pool, chat = build_pool(), chat_pool()
+    assert len(chat) > 2500
+    assert pool[FIRST_DATA_PROMPTS:FIRST_DATA_PROMPTS + len(chat)] == chat
+    assert pool == build_pool()  # deterministic
 
 
 def test_block_inputs_and_mask():

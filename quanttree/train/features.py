@@ -98,26 +98,64 @@ def open_cache(path: Path) -> FeatureCache:
                         logp, meta["done"])
 
 
+def _write_index(path: Path, sequences) -> np.ndarray:
+    """index.npz for `sequences` (atomically); returns the offsets."""
+    lengths = np.array([len(s[0]) for s in sequences], dtype=np.int64)
+    offsets = np.concatenate([[0], lengths.cumsum()])
+    tmp = path / "index.partial.npz"
+    np.savez(tmp, offsets=offsets, prompt_lens=np.array([s[1] for s in sequences]),
+             pool_index=np.array([s[2] for s in sequences]),
+             tokens=np.concatenate([np.asarray(s[0], dtype=np.int32) for s in sequences]))
+    os.replace(tmp, path / "index.npz")
+    return offsets
+
+
+def _holds_prefix(path: Path, sequences, count: int) -> bool:
+    """Whether the cache's first `count` sequences are the first `count` of `sequences`."""
+    with np.load(path / "index.npz") as z:
+        offsets, tokens = z["offsets"], z["tokens"]
+    if len(offsets) < count + 1 or len(sequences) < count:
+        return False
+    return all(np.array_equal(tokens[offsets[i]:offsets[i + 1]], np.asarray(sequences[i][0], dtype=np.int32))
+               for i in range(count))
+
+
 def _start_cache(path: Path, sequences, layers, hidden: int, top_k: int, identity: dict) -> dict:
-    """Create the files (or check that an existing build is the same build) and return meta."""
+    """Create the files (or check that an existing build is the same build, grown by new data
+    appended after it) and return meta."""
     f = _files(path)
     if f["meta.json"].exists():
         meta = json.loads(f["meta.json"].read_text())
-        same = {k: meta.get(k) for k in identity} == identity and meta.get("sequences") == len(sequences)
-        if same and meta.get("format") == FORMAT and tuple(meta["layers"]) == tuple(layers) \
-                and meta["top_k"] == top_k:
+        same = {k: meta.get(k) for k in identity} == identity and meta.get("format") == FORMAT \
+            and tuple(meta["layers"]) == tuple(layers) and meta["top_k"] == top_k
+        if same and meta.get("sequences") == len(sequences):
             return meta
+        if same and meta["sequences"] < len(sequences) and _holds_prefix(path, sequences, meta["sequences"]):
+            return _grow_cache(path, sequences, meta)
         raise ValueError(f"{path} holds a different feature cache ({meta}); delete it or choose another --work")
     path.mkdir(parents=True, exist_ok=True)
-    lengths = np.array([len(s[0]) for s in sequences], dtype=np.int64)
-    offsets = np.concatenate([[0], lengths.cumsum()])
-    np.savez(f["index.npz"], offsets=offsets, prompt_lens=np.array([s[1] for s in sequences]),
-             pool_index=np.array([s[2] for s in sequences]),
-             tokens=np.concatenate([np.asarray(s[0], dtype=np.int32) for s in sequences]))
+    offsets = _write_index(path, sequences)
     for arr in _memmaps(path, int(offsets[-1]), len(layers) * hidden, top_k, "w+"):
         arr.flush()
     meta = {"format": FORMAT, **identity, "layers": list(layers), "hidden": hidden, "top_k": top_k,
             "sequences": len(sequences), "tokens": int(offsets[-1]), "done": 0}
+    _write_meta(path, meta)
+    return meta
+
+
+def _grow_cache(path: Path, sequences, meta: dict) -> dict:
+    """The data grew (new shards after the old ones): extend the files, keep every written row.
+    Each step can be repeated, so a build killed here resumes."""
+    f = _files(path)
+    lengths = [len(s[0]) for s in sequences]
+    rows = int(sum(lengths))
+    width = len(meta["layers"]) * meta["hidden"]
+    for name, row_bytes in (("features.u16", 2 * width), ("topk_ids.i32", 4 * meta["top_k"]),
+                            ("topk_logp.f16", 2 * meta["top_k"])):
+        with open(f[name], "r+b") as fh:
+            fh.truncate(rows * row_bytes)  # zero-filled; the old rows stay where they are
+    _write_index(path, sequences)
+    meta = {**meta, "sequences": len(sequences), "tokens": rows}
     _write_meta(path, meta)
     return meta
 

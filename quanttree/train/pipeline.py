@@ -97,12 +97,12 @@ def run_features_stage(engine, paths: TrainPaths, layers: tuple[int, ...], top_k
     from .features import build_cache, open_cache
 
     where = paths.work / "features"
+    sequences = load_shards(paths.data)
     if (where / "meta.json").exists():
         cache = open_cache(where)
-        if len(cache) == len(cache.pool_index) and set(layers) <= set(cache.layers):
+        if len(cache) == len(cache.pool_index) == (len(sequences) or len(cache)) and set(layers) <= set(cache.layers):
             return cache
         layers = tuple(cache.layers) if set(layers) <= set(cache.layers) else tuple(layers)
-    sequences = load_shards(paths.data)
     if not sequences:
         raise QuanttreeError(f"no training data in {paths.data}: run `quanttree train-drafter --stage data` first")
     identity = {"target": engine.loaded.source, "quant": engine.quant}

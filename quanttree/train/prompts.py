@@ -15,6 +15,8 @@ import random
 import sys
 import warnings
 
+from .chat_pool import chat_pool
+
 CODE_TEMPLATES = (
     "Write a Python function `{name}{sig}` that does the following: {doc}",
     "Implement `{name}{sig}` in Python. {doc} Include a short docstring.",
@@ -133,6 +135,9 @@ PACKAGE_MODULES = ("numpy", "numpy.linalg", "numpy.random", "numpy.fft", "torch.
                    "json", "tqdm", "safetensors.torch")
 
 
+FIRST_DATA_PROMPTS = 31 * 128  # data/smollm2-135m-bf16.npz v1: the first 31 shards of 128 prompts
+
+
 def build_pool(seed: int = 0) -> list[str]:
     """The whole deterministic prompt pool, shuffled."""
     rng = random.Random(seed)
@@ -152,7 +157,9 @@ def build_pool(seed: int = 0) -> list[str]:
         prompts.append(f"Write a Python function that {task}, then explain its time complexity.")
     prompts = sorted(set(prompts))
     rng.shuffle(prompts)
-    return prompts
+    # The chat-style section goes right after the prompts the first data set was generated from, so
+    # that set's pool indices (and its held-out split) stay valid and new data starts with chat.
+    return prompts[:FIRST_DATA_PROMPTS] + chat_pool(seed) + prompts[FIRST_DATA_PROMPTS:]
 
 
 def prompt_id(prompt: str) -> str:
