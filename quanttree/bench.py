@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .decode import DRAFT_METHODS, METHODS
+from .policy import ADAPTIVE_METHODS
 from .errors import QuanttreeError
 
 OUR_METHODS = METHODS  # the one registry (quanttree.decode.METHODS)
@@ -123,19 +124,14 @@ class PeakRSS:
 
 
 def run_ours(engine, prompt: str, method: str, budget: int, max_new: int) -> dict:
-    sizer = engine.policy(method, budget)
-    before = len(sizer.chosen) if sizer else 0
-    before_obs = len(sizer.observed) if sizer else 0
     with PeakRSS(engine.device) as mem:
         res = engine.generate(prompt, method=method, budget=budget, max_new_tokens=max_new)
     s = res.stats
-    sizer = engine.policy(method, budget)
-    chosen = sizer.chosen[before:] if sizer else []
+    adaptive = method in ADAPTIVE_METHODS  # the per-round sizes a policy chose, and its predictions
     return {"tps": s.decode_tokens_per_s, "tau": s.tau if method != "ar" else 1.0, "tree": s.mean_tree_size,
             "phase_ms": s.phase_ms(), "rounds": s.rounds, "ids": res.token_ids, "peak_mb": mem.peak / 2**20,
-            "chosen_sizes": chosen, "predicted_raw": sizer.predicted_raw[before_obs:] if sizer else [],
-            "predicted": sizer.predicted[before_obs:] if sizer else [],
-            "observed": sizer.observed[before_obs:] if sizer else []}
+            "chosen_sizes": s.sizes if adaptive else [], "predicted_raw": s.predicted_raw, "predicted": s.predicted,
+            "observed": s.observed}
 
 
 def run_hf(engine, prompt_ids: list[int], max_new: int, prefill_s: float, **kwargs) -> dict:

@@ -65,6 +65,10 @@ class Step:
     finished: str | None = None  # "eos" or "length" on the last step
     tree: Tree | None = None
     path: torch.Tensor | None = None
+    # the sizer's expected accepted tokens for the tree it chose (raw drafter path probabilities,
+    # calibrated); None on rounds no sizer chose (fixed methods, plain rounds of auto's gate)
+    predicted_raw: float | None = None
+    predicted: float | None = None
 
 
 class Clock:
@@ -313,12 +317,15 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
         t3 = clock()
         times.walk += t3 - t2
         times.build = (t1 - t0) - times.draft  # tree building includes compiling it
+        prediction = sizer.prediction() if sizer is not None else None
         if sizer is not None:
             sizer.observe(tree, accepted.path, tree.size + 1, start, 1000 * (t2 - t1),
                           1000 * (times.build + times.walk), round_ms=1000 * (t3 - t0),
                           draft_ms=1000 * times.draft)
         yield Step(tokens=tokens, tree_size=tree.size, accept_len=accepted.accept_len, times=times,
-                   seconds=t3 - t0, finished=finished, tree=tree, path=accepted.path)
+                   seconds=t3 - t0, finished=finished, tree=tree, path=accepted.path,
+                   predicted_raw=prediction[0] if prediction else None,
+                   predicted=prediction[1] if prediction else None)
         produced += len(tokens)
         start += accepted.path.numel()
         root = accepted.bonus

@@ -49,6 +49,12 @@ class Stats:
     times: PhaseTimes = field(default_factory=PhaseTimes)
     # per draft origin ('drafter', 'lookup', 'both': proposed by the two): [nodes verified, accepted]
     by_source: dict[str, list[int]] = field(default_factory=dict)
+    # per round: drafted nodes verified (0: a plain round); and for rounds a sizer chose, its
+    # expected accepted tokens (raw, calibrated) beside the tokens accepted
+    sizes: list[int] = field(default_factory=list)
+    predicted_raw: list[float] = field(default_factory=list)
+    predicted: list[float] = field(default_factory=list)
+    observed: list[int] = field(default_factory=list)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -81,6 +87,11 @@ class Stats:
         self.tree_nodes += step.tree_size
         self.accepted += step.accept_len
         self.times.add(step.times)
+        self.sizes.append(step.tree_size)
+        if step.predicted is not None:
+            self.predicted_raw.append(step.predicted_raw)
+            self.predicted.append(step.predicted)
+            self.observed.append(step.accept_len)
         if step.tree is not None and step.tree.size:
             origins = node_origins(step.tree)
             accepted = set(step.path.tolist()[1:]) if step.path is not None else set()
@@ -225,7 +236,7 @@ class Engine:
                     pass
         finally:
             sizer.explore([])
-        sizer.chosen, sizer.predicted_raw, sizer.predicted, sizer.observed = [], [], [], []
+        sizer.chosen = []
         self.save_learned()
 
     def save_learned(self) -> None:

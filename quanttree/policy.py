@@ -221,12 +221,8 @@ class TreeSizer:
         self.recent = [0.0, 0.0]  # decayed tokens and wall ms of this policy's rounds: its rate
         self.min_samples = min_samples
         self.skipped = 0
-        self.chosen: list[int] = []
-        # per verified round: expected accepted tokens of the chosen tree from the drafter's raw
-        # path probabilities, from the calibrated ones, and the tokens actually accepted
-        self.predicted_raw: list[float] = []
-        self.predicted: list[float] = []
-        self.observed: list[int] = []
+        self.chosen: list[int] = []  # sizes chosen (0: a plain round); the exploring schedule indexes it
+        self._predicted_raw = 0.0  # this round's expected accepted tokens from raw path probabilities
         self._chose = False
         self._drafted = False
         self._plain_pending = False
@@ -412,11 +408,14 @@ class TreeSizer:
         self.chosen.append(n)
         recent = max(self.chosen[-16:], default=0)
         self._build = min(self.cap, max(8, 2 * recent))
-        self.predicted_raw.append(float(tree.scores[order[:n]].exp().sum()))
+        self._predicted_raw = float(tree.scores[order[:n]].exp().sum())
         self._expected = float(phi[min(n, phi.size - 1)])
-        self.predicted.append(self._expected)
         self._chose = True
         return prune(tree, n)
+
+    def prediction(self) -> tuple[float, float] | None:
+        """This round's expected accepted tokens (raw, calibrated), if this sizer chose its tree."""
+        return (self._predicted_raw, self._expected) if self._chose else None
 
     def observe(self, tree: Tree, path: torch.Tensor, tokens: int, context: int, verify_ms: float,
                 overhead_ms: float, round_ms: float | None = None, draft_ms: float = 0.0) -> None:
@@ -433,7 +432,6 @@ class TreeSizer:
                     cal.update(tree, path, own[:, s])
         self.cost.observe(tokens, context, verify_ms)
         if self._chose:  # rounds that skipped the drafter predicted nothing and cost no overhead
-            self.observed.append(accept_len)
             if self._drafted:
                 self.cost.observe_draft(context, draft_ms)
                 self.overhead_ms = 0.9 * self.overhead_ms + 0.1 * overhead_ms

@@ -262,3 +262,29 @@ def test_lookup_on_embedded_model_copies_and_stays_exact(embedded_engine):
     out = embedded_engine.generate(prompt, method="lookup", budget=8, max_new_tokens=40)
     assert out.token_ids == ar.token_ids
     assert out.stats.accepted > 0 and out.stats.tau > 1.2
+
+
+def test_rounds_carry_the_policys_telemetry(tiny_dirs):
+    """Each Step says what the sizer expected of the tree it chose; Stats keeps the records
+    (the bench reads them there, not inside the sizer)."""
+    from quanttree.costmodel import CostModel, CostProfile
+    from quanttree.engine import Stats
+    from quanttree.policy import TreeSizer
+
+    engine = spec_engine(tiny_dirs, "llama")
+    sizes = [1, 2, 4, 8, 16]
+    flat = CostProfile(key={}, sizes=sizes, contexts=[128], verify_ms=[[20.0] * len(sizes)], draft_ms=[1.0])
+    sizer = TreeSizer("caddtree", CostModel(flat), cap=8)
+    ids = engine.tokenizer("the cat sat on")["input_ids"]
+    cfg = DecodeConfig(method="caddtree", budget=8, max_new_tokens=24)
+    stats = Stats(method="caddtree")
+    steps = list(decode(engine.target, engine.drafter, ids, cfg, sizer=sizer))
+    for step in steps:
+        stats.add(step)
+    rounds = [s for s in steps if not s.prefill]
+    assert rounds and all(s.predicted is not None and s.predicted_raw is not None for s in rounds)
+    assert stats.sizes == [s.tree_size for s in rounds]
+    assert stats.observed == [s.accept_len for s in rounds]
+    assert all(0.0 <= p <= n for p, n in zip(stats.predicted, stats.sizes))
+    plain = list(decode(engine.target, engine.drafter, ids, DecodeConfig(method="ddtree", max_new_tokens=8)))
+    assert all(s.predicted is None for s in plain)  # a fixed budget predicts nothing
