@@ -152,61 +152,106 @@ class DraftContext:
         return self._log_softmax(hidden[:, 1:])
 
 
-def propose(method: str, draft: DraftContext | None, root: int, start: int, cfg: DecodeConfig,
-            clock: Clock, times: PhaseTimes, sizer: TreeSizer | None = None,
-            second: DraftContext | None = None, chain_only: bool = False,
-            index: NgramIndex | None = None) -> Tree:
-    """Draft and shape the tree to verify this round (a chain when the target allows no tree)."""
-    if method == "lookup":  # n-gram continuations of the prompt and the answer so far
+class LookupSource:
+    """Draft source: n-gram continuations of the prompt and of everything committed since
+    (no model; microseconds a round). Lifecycle: begin(prompt) -> propose() -> accept(tokens)."""
+
+    def __init__(self):
+        self.index = NgramIndex()
+
+    def begin(self, prompt_ids: list[int], first: int) -> None:
+        self.index.extend(prompt_ids + [first])
+
+    def propose(self, root: int, depth: int, budget: int, chain_only: bool) -> Tree | None:
+        """A tree of at most `budget` nodes from continuations up to `depth` tokens, or None."""
+        found = self.index.continuations(depth=depth)
+        if not found:
+            return None
+        tree = with_source(lookup_tree(found, root, budget), lookup_source(found[0].match_len))
+        return prune_to_chain(tree) if chain_only else tree
+
+    def accept(self, tokens: list[int]) -> None:
+        self.index.extend(tokens)
+
+
+class DrafterSource:
+    """Draft source: the DFlash drafter, shaped as a chain (dflash), a best-first tree (ddtree,
+    the adaptive methods) or D2SD's re-drafted branches (with the VP drafter when there is one).
+    Lifecycle: begin(prompt features) -> propose() -> accept(committed features)."""
+
+    def __init__(self, drafter: DFlashDrafter, target: Target, shape: str, vp_drafter: DFlashDrafter | None = None,
+                 branches: int = 4):
+        self.shape, self.branches = shape, branches
+        self.context = DraftContext(drafter, target)
+        self.second = DraftContext(vp_drafter, target) if shape == "d2sd" and vp_drafter is not None else None
+        self.layers = tuple(drafter.config.target_layer_ids)
+
+    def _contexts(self):
+        return [c for c in (self.context, self.second) if c is not None]
+
+    def begin(self, features: torch.Tensor, positions: torch.Tensor) -> None:
+        for ctx in self._contexts():  # the drafter reads the prompt now: part of prefill, not of a round
+            ctx.commit(features, positions)
+            ctx.absorb()
+
+    def propose(self, root: int, start: int, budget: int, chain_only: bool, clock: Clock,
+                times: PhaseTimes) -> Tree:
+        """The drafted tree in target-vocabulary ids (drafter passes timed as `draft`, shaping as `build`)."""
         t0 = clock()
-        found = index.continuations(depth=cfg.budget)
-        tree = lookup_tree(found, root, cfg.budget)
-        if found:
-            tree = with_source(tree, lookup_source(found[0].match_len))
-        if chain_only:
-            tree = prune_to_chain(tree)
-        times.build += clock() - t0
+        log_probs = self.context.log_probs(root, start)
+        if self.shape == "d2sd":  # re-draft from the likely rejection points
+            prefixes = rejection_boundaries(log_probs, self.branches)
+            branch_lp = (self.second or self.context).branch_log_probs(root, start, log_probs.argmax(-1), prefixes)
+        t1 = clock()
+        if self.shape == "dflash" or chain_only:  # a sizer cuts a chain to a prefix (path probabilities fall)
+            tree = build_chain(log_probs, root)
+        elif self.shape == "d2sd":  # trimmed to the `budget` most probable nodes (prefix-closed)
+            tree = prune(build_branch_tree(log_probs, branch_lp, prefixes, root), budget)
+        else:
+            tree = build_tree(log_probs, root, budget)
+        if self.context.vocab is not None:
+            tree = map_tokens(tree, self.context.vocab)
+        times.draft += t1 - t0
+        times.build += clock() - t1
         return tree
+
+    def accept(self, features: torch.Tensor, positions: torch.Tensor) -> None:
+        for ctx in self._contexts():
+            ctx.commit(features, positions)
+
+
+def propose(method: str, drafter: DrafterSource | None, lookup_src: LookupSource | None, root: int, start: int,
+            cfg: DecodeConfig, clock: Clock, times: PhaseTimes, sizer: TreeSizer | None = None,
+            chain_only: bool = False) -> Tree:
+    """Collect this round's drafts from the sources, merge them into one tree and size it."""
     if method == "ar":
         return root_only(root)
     lookup = None
-    if index is not None and method in MERGES_LOOKUP:  # n-gram drafts: microseconds, no model
+    if lookup_src is not None:  # n-gram drafts: microseconds, no model
         t0 = clock()
-        found = index.continuations(depth=LOOKUP_DEPTH)
-        if found:
-            budget = sizer.build_budget() if sizer is not None else cfg.budget
-            lookup = with_source(lookup_tree(found, root, budget), lookup_source(found[0].match_len))
-            lookup = prune_to_chain(lookup) if chain_only else lookup
+        alone = method == "lookup"
+        budget = cfg.budget if alone or sizer is None else sizer.build_budget()
+        lookup = lookup_src.propose(root, cfg.budget if alone else LOOKUP_DEPTH, budget, chain_only)
         times.build += clock() - t0
-    if draft is None or (sizer is not None and not sizer.should_draft(start)):
+        if alone:
+            return lookup if lookup is not None else root_only(root)
+    if drafter is None or (sizer is not None and not sizer.should_draft(start)):
         # exploring with a drafter, "no draft" is the schedule's plain round: measured as one
-        if lookup is None or sizer is None or (sizer.schedule and draft is not None):
+        if lookup is None or sizer is None or (sizer.schedule and drafter is not None):
             return root_only(root)
         t0 = clock()
         tree = sizer.choose(lookup, start, drafted=False)  # n-gram nodes cost no drafter pass
         times.build += clock() - t0
         return tree
+    tree = drafter.propose(root, start, sizer.build_budget() if sizer is not None else cfg.budget, chain_only,
+                           clock, times)
     t0 = clock()
-    log_probs = draft.log_probs(root, start)
-    if method == "d2sd":  # re-draft from the likely rejection points, with the VP drafter if any
-        prefixes = rejection_boundaries(log_probs, cfg.branches)
-        branch_lp = (second or draft).branch_log_probs(root, start, log_probs.argmax(-1), prefixes)
-    t1 = clock()
-    if method == "dflash" or chain_only:  # a sizer cuts a chain to a prefix (path probabilities fall)
-        tree = build_chain(log_probs, root)
-    elif method == "d2sd":  # trimmed to the `budget` most probable nodes (prefix-closed)
-        tree = prune(build_branch_tree(log_probs, branch_lp, prefixes, root), cfg.budget)
-    else:
-        tree = build_tree(log_probs, root, sizer.build_budget() if sizer is not None else cfg.budget)
-    if draft.vocab is not None:
-        tree = map_tokens(tree, draft.vocab)
     if lookup is not None:  # one tree: shared prefixes are one node with the better estimate
         tree, _ = merge_trees(with_source(tree, 0), lookup)
         tree = prune_to_chain(tree) if chain_only else tree
     if sizer is not None:
         tree = sizer.choose(tree, start)
-    times.draft += t1 - t0
-    times.build += clock() - t1
+    times.build += clock() - t0
     return tree
 
 
@@ -257,11 +302,11 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
     device = target.device
     clock = Clock(device)
     gen = make_generator(cfg.sampling, device)
-    drafts = drafter is not None and cfg.method not in ("ar", "lookup")
-    layers = tuple(drafter.config.target_layer_ids) if drafts else ()
-    index = NgramIndex() if cfg.method in ("lookup",) + MERGES_LOOKUP else None
-    draft = DraftContext(drafter, target) if layers else None
-    second = DraftContext(vp_drafter, target) if layers and cfg.method == "d2sd" and vp_drafter else None
+    # the round's draft sources: the drafter (shaped by the method) and/or n-gram lookup
+    draft = DrafterSource(drafter, target, cfg.method, vp_drafter, cfg.branches) \
+        if drafter is not None and cfg.method not in ("ar", "lookup") else None
+    lookup = LookupSource() if cfg.method in ("lookup",) + MERGES_LOOKUP else None
+    layers = draft.layers if draft is not None else ()
     cache = kvcache.new_target_cache(target.model)
     recurrent = kvcache.has_recurrent_state(cache)
     if recurrent and cfg.method in TREE_METHODS:
@@ -278,13 +323,11 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
     out = target.forward(ids, torch.arange(len(prompt_ids), device=device)[None], cache,
                          feature_layers=layers, last_only=True)
     root = int(select_tokens(out.logits[-1:], cfg.sampling, gen)[0])
-    for ctx in (draft, second):
-        if ctx is not None:  # the drafter reads the prompt now: part of prefill, not of a round
-            ctx.commit(out.features, torch.arange(len(prompt_ids), device=device))
-            ctx.absorb()
+    if draft is not None:
+        draft.begin(out.features, torch.arange(len(prompt_ids), device=device))
+    if lookup is not None:
+        lookup.begin(prompt_ids, root)
     tokens, finished = finish([root], 0, cfg)
-    if index is not None:
-        index.extend(prompt_ids + [root])
     t1 = clock()
     yield Step(tokens=tokens, prefill=True, seconds=t1 - t0, finished=finished,
                times=PhaseTimes(verify=t1 - t0))
@@ -292,8 +335,7 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
     while finished is None:
         t0 = clock()
         times = PhaseTimes()
-        tree = propose(cfg.method, draft, root, start, cfg, clock, times, sizer, second, chain_only=recurrent,
-                       index=index)
+        tree = propose(cfg.method, draft, lookup, root, start, cfg, clock, times, sizer, chain_only=recurrent)
         inputs = compile_tree(tree, start, target.dtype)
         t1 = clock()
         saved = kvcache.snapshot(cache) if recurrent and tree.size else None
@@ -307,12 +349,11 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
             times.verify += clock() - t2
         else:
             kvcache.compact(cache, start, accepted.path)
-        for ctx in (draft, second):
-            if ctx is not None:
-                ctx.commit(out.features[accepted.path], start + torch.arange(accepted.path.numel(), device=device))
+        if draft is not None:
+            draft.accept(out.features[accepted.path], start + torch.arange(accepted.path.numel(), device=device))
         new = tree.tokens[accepted.path[1:]].tolist() + [accepted.bonus]
-        if index is not None:
-            index.extend(new)
+        if lookup is not None:
+            lookup.accept(new)
         tokens, finished = finish(new, produced, cfg)
         t3 = clock()
         times.walk += t3 - t2
