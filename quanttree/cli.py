@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stage", default="all", choices=("data", "features", "train", "all"),
                        help="data: target responses; features: cache target features + soft labels; train")
     train.add_argument("--tokens", type=int, default=2_000_000, help="response tokens to generate")
-    train.add_argument("--batch-size", type=int, default=32, help="generation batch size")
+    train.add_argument("--batch-size", type=int, default=64, help="generation batch size")
     train.add_argument("--max-new-tokens", type=int, default=256, help="response length cap for data")
     train.add_argument("--steps", type=int, default=2000, help="optimizer steps in total")
     train.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this long")
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init-from", default=None,
                        help="start from this drafter dir (e.g. the DFlash drafter when training a VP one); "
                             "its layers and draft vocabulary replace --layers and --draft-vocab")
+    train.add_argument("--checkpoints", default=None,
+                       help="checkpoint folder name inside --work, one per training run (default: checkpoints, "
+                            "or checkpoints-vp with --variable-prefix)")
     train.add_argument("--device", default=None)
     return parser
 
@@ -216,7 +219,7 @@ def cmd_train_drafter(args) -> int:
         if args.stage == "features":
             run_features_stage(engine, paths, training_layers(engine.target, cfg))
         else:
-            name = "checkpoints-vp" if args.variable_prefix else "checkpoints"
+            name = args.checkpoints or ("checkpoints-vp" if args.variable_prefix else "checkpoints")
             run_train_stage(engine, paths, cfg, Path(args.out), args.minutes, name, for_engines=args.for_engines)
     return 0
 

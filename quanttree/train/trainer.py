@@ -380,10 +380,13 @@ class Trainer:
 
     # ------------------------------------------------ evaluation
     def eval_blocks(self, limit: int | None = None) -> list[tuple[int, torch.Tensor]]:
-        """Fixed held-out (sequence, anchors) pairs: up to 16 full blocks per sequence."""
+        """Fixed held-out (sequence, anchors) pairs: up to 16 full blocks per sequence, from
+        sequences spread evenly over the held-out set (so every section of the pool is scored)."""
         gen = torch.Generator().manual_seed(1234)
         out = []
-        for i in self.held_ids[: limit or self.cfg.eval_seqs]:
+        count = min(limit or self.cfg.eval_seqs, len(self.held_ids))
+        picks = np.linspace(0, len(self.held_ids) - 1, count).round().astype(int) if count else []
+        for i in [self.held_ids[k] for k in picks]:
             n = min(int(self.cache.offsets[i + 1] - self.cache.offsets[i]), self.cfg.max_seq_len)
             anchors = sample_anchors(n, int(self.cache.prompt_lens[i]), 16, gen)
             anchors = anchors[anchors + self.cfg.block_size <= n]
