@@ -5,14 +5,23 @@ greedy, the target in --quant: per drafter and suite, the first drafted token's 
 and tau (tokens per target forward) of the DFlash chain, and tau of DDTree at --budget nodes.
 Acceptance only: no timing (so it may run beside other work).
 
+Beside it, the same drafter's teacher-forced accuracy on the target's own (batched greedy)
+responses to the same prompts, as the trainer scores held-out data: slot-1 accuracy and chain
+tau at random positions. The two differ because decoding starts every round right after a
+rejection (harder positions) and the trainer's held-out prompts come from the training pool.
+
     python benchmarks/drafter_acceptance.py --drafters quanttree/drafters/smollm2-135m,NEW_DIR --prompts 16
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import chat_prompts, humaneval_prompts, write_results  # noqa: E402
@@ -32,6 +41,31 @@ def measure(engine, prompts: list[str], method: str, budget: int, max_new_tokens
             "nodes_per_round": nodes / max(rounds, 1)}
 
 
+def target_responses(engine, prompts: list[str], max_new_tokens: int) -> list[tuple[np.ndarray, int, int]]:
+    """(prompt + greedy response ids, prompt length, index) per prompt, as the feature cache takes them."""
+    from quanttree.train.datagen import encode_chat, generate_batch
+
+    encoded = [encode_chat(engine.tokenizer, p) for p in prompts]
+    pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else min(engine.eos_token_ids)
+    responses = generate_batch(engine.target, encoded, max_new_tokens, engine.eos_token_ids, pad)
+    held = [(np.array(e + r), len(e), 50 * (k + 1)) for k, (e, r) in enumerate(zip(encoded, responses))]
+    return held + [(held[0][0], held[0][1], 1)]  # the trainer wants one training sequence: a copy, not scored
+
+
+def teacher_forced(engine, drafter: str, sequences, work: Path) -> dict:
+    """The trainer's held-out evaluation of `drafter` on these sequences."""
+    from quanttree.train.features import build_cache
+    from quanttree.train.trainer import TrainConfig, Trainer
+
+    config = json.loads((Path(drafter) / "config.json").read_text())
+    layers = tuple(config["dflash_config"]["target_layer_ids"])
+    cache = build_cache(engine.target, sequences, work / "-".join(map(str, layers)), layers, 32, log=lambda *_: None)
+    cfg = TrainConfig(block_size=config["block_size"], init_from=drafter, eval_seqs=len(sequences) - 1)
+    result = Trainer(engine.target, cache, cfg, work / "unused", log=lambda *_: None).evaluate()
+    return {"tf_slot1": result["slot1"], "tf_chain_tau": result["chain_tau"], "tf_blocks": result["blocks"],
+            "bigram_slot1": result["bigram_slot1"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--drafters", required=True, help="comma-separated drafter dirs")
@@ -42,22 +76,31 @@ def main() -> None:
     ap.add_argument("--name", default="drafter_acceptance")
     args = ap.parse_args()
     suites = {"chat": chat_prompts(args.prompts), "humaneval": humaneval_prompts(args.prompts)}
-    rows = []
+    rows, forced = [], {}
+    work = Path(tempfile.mkdtemp(prefix="drafter-acceptance-"))
+    responses = None
     for drafter in args.drafters.split(","):
         engine = quanttree.load("smollm2-135m", drafter=drafter, quant=args.quant, log=lambda *_: None)
+        if responses is None:  # the same target text for every drafter
+            responses = {s: target_responses(engine, p, args.max_new_tokens) for s, p in suites.items()}
         for suite, prompts in suites.items():
+            forced[drafter, suite] = teacher_forced(engine, drafter, responses[suite], work / suite)
             for method, budget in (("dflash", 1), ("ddtree", args.budget)):
                 r = measure(engine, prompts, method, budget, args.max_new_tokens)
-                rows.append({"drafter": drafter, "suite": suite, "method": method, "budget": budget, **r})
+                rows.append({"drafter": drafter, "suite": suite, "method": method, "budget": budget, **r,
+                             **forced[drafter, suite]})
                 print(rows[-1], flush=True)
     lines = ["| drafter | suite | first-token acceptance (chain) | chain tau | "
-             f"DDTree@{args.budget} tau | DDTree first-token acceptance |", "|---|---|---|---|---|---|"]
+             f"DDTree@{args.budget} tau | DDTree first-token acceptance | teacher-forced slot 1 | "
+             "teacher-forced chain tau |", "|---|---|---|---|---|---|---|---|"]
     for drafter in args.drafters.split(","):
         for suite in suites:
             chain = next(r for r in rows if r["drafter"] == drafter and r["suite"] == suite and r["method"] == "dflash")
             tree = next(r for r in rows if r["drafter"] == drafter and r["suite"] == suite and r["method"] == "ddtree")
+            tf = forced[drafter, suite]
             lines.append(f"| {Path(drafter).name} | {suite} | {chain['first_accept']:.3f} | {chain['tau']:.2f} | "
-                         f"{tree['tau']:.2f} | {tree['first_accept']:.3f} |")
+                         f"{tree['tau']:.2f} | {tree['first_accept']:.3f} | {tf['tf_slot1']:.3f} | "
+                         f"{tf['tf_chain_tau']:.2f} |")
     command = "python benchmarks/drafter_acceptance.py " + " ".join(sys.argv[1:])
     note = (f"\n\n{args.prompts} prompts per suite (never used for training), {args.quant} target, greedy, "
             f"{args.max_new_tokens} new tokens; acceptance counted per drafted round.\n")
