@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -30,8 +31,8 @@ WARMUP_PROMPTS = ("Write a Python function that merges two sorted lists into one
                   "Give three tips for keeping houseplants alive in winter.",
                   "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
 WARMUP_TOKENS = 48
-LEARNED_VERSION = 10
-EXACT_DEFAULT_ROWS = 4  # exact mode is on by default where a forward needs at most this many rows  # the layout of the learned state saved beside a profile; another one is relearned
+LEARNED_VERSION = 10  # the layout of the learned state saved beside a profile; another one is relearned
+EXACT_DEFAULT_ROWS = 4  # exact mode is on by default where a forward needs at most this many rows
 
 
 @dataclass
@@ -190,6 +191,10 @@ class Engine:
                     self._learned = {}
                 self._cost.load_state(self._learned.get("cost", {}))
             else:
+                if progress:  # the first adaptive run on this machine and mode: say what the wait is
+                    print(f"first use of {self.loaded.source} ({self.quant}{', exact' if self.exact else ''}) "
+                          f"on this machine: measuring its verify cost and the drafts' acceptance once "
+                          f"(saved in {path.parent})", file=sys.stderr)
                 self._cost = CostModel(measure_profile(self, progress=progress))
                 self._cost.save(path)
                 self._learned = {}
