@@ -175,6 +175,104 @@ class Savings:
         return mean, (var / max(self.count(), 1.0)) ** 0.5
 
 
+class SpeculationGate:
+    """auto's go/no-go: does drafting pay right now, or should this round decode plainly?
+
+    Measured, once `min_samples` drafted rounds are known, as the time drafted rounds saved
+    against plain rounds producing the same tokens (drafting goes on while the mean saving plus
+    one standard error is >= 0; see `measured_saving`); predicted before that by the sizer
+    (recent rounds' expected gain on the measured curve beats plain decoding). When it does not
+    pay, plain rounds follow, with a drafted probe after `probe_every` of them, the interval
+    doubling (to `max_probe_every`) while the answer stays no, and at a new prompt."""
+
+    def __init__(self, cost, probe_every: int = 8, max_probe_every: int = 64, min_samples: float = 6.0):
+        self.cost = cost
+        self.probe_every, self.base_probe_every, self.max_probe_every = probe_every, probe_every, max_probe_every
+        self.min_samples = min_samples
+        self.skipped = 0  # plain rounds in the current streak (0: not in one)
+        # measured: a plain round's wall time over the profiled one-token verify (EMA); what
+        # drafted rounds saved against plain rounds producing their expected tokens (recent
+        # rounds); the accepted minus expected tokens (a long window: the surrogate's bias)
+        self.plain_ratio: float | None = None
+        self.savings = Savings(decay=0.8)  # ~9 rounds: the text decoded now (code, chat) decides
+        self.shortfall = Savings(decay=0.998)
+
+    def open(self, context: int, predicted_pays) -> bool:
+        """Whether this round drafts. predicted_pays(context): the sizer's prediction."""
+        if 0 < self.skipped < self.probe_every:  # inside a plain streak: no evaluation at all
+            self.skipped += 1
+            return False
+        if self.skipped:  # the streak ends with a probe; the next one is longer if this one loses
+            self.skipped = 0
+            self.probe_every = min(2 * self.probe_every, self.max_probe_every)
+            return True
+        if self.speculation_pays(context, predicted_pays):
+            self.probe_every = self.base_probe_every
+            return True
+        self.skipped = 1
+        return False
+
+    def start_sequence(self) -> None:
+        """A new prompt: inside a plain streak, its first round probes (a new text can be one the
+        drafter is good at: code after chat)."""
+        if self.skipped:
+            self.skipped = self.probe_every
+
+    def measured_saving(self, context: int) -> tuple[float, float]:
+        """Mean and standard error of the ms a drafted round saves against plain rounds.
+
+        A round's realised saving, (1 + accepted) * plain - wall, swings by a plain round per
+        token accepted or not (SD 10-15 ms where the mean is ~2 ms): too noisy to decide on. So
+        each round's sample uses its calibrated expected tokens instead, (1 + expected) * plain -
+        wall, and the accepted-minus-expected tokens, a zero-mean control variate when the
+        calibration is right, are averaged over a long window and added back: the estimate stays
+        unbiased (the surrogate's bias is measured, not trusted) at a fraction of the variance
+        (per-round SD 1.5-4 ms).
+        The price: what the drafter's own confidence shows (a prompt it is bad at) counts at
+        once, but a drafter that turns confidently wrong counts only as fast as the long window
+        and the calibration map learn it (tens of rounds)."""
+        plain = self.plain_round_ms(context)
+        mean, se = self.savings.mean_se()
+        if self.shortfall.count() == 0:
+            return mean, se
+        bias, bias_se = self.shortfall.mean_se()
+        return mean + plain * bias, (se * se + (plain * bias_se) ** 2) ** 0.5
+
+    def speculation_pays(self, context: int, predicted_pays) -> bool:
+        """Measured drafted rounds save time (optimistically: mean + one standard error >= 0);
+        the prediction decides until enough drafted rounds are measured."""
+        if self.savings.count() < self.min_samples:
+            return predicted_pays(context)
+        mean, se = self.measured_saving(context)
+        return mean + se >= 0.0
+
+    def plain_round_ms(self, context: int) -> float:
+        """What a plain round costs here, wall time: the profiled one-token verify times what
+        plain rounds measured over it. Plain rounds keep their own ratio: the cost model's drift
+        is learned mostly from drafted rounds, whose verify runs after the drafter (colder
+        caches), and a policy that drafts nearly every round would otherwise price plain rounds
+        at that (bf16: 25 ms against 21.8 measured), overstating what drafting saves."""
+        if self.plain_ratio is None:
+            return self.cost.verify_ms(1, context) + 0.3  # nothing measured yet: the verify, small extras
+        return self.cost.profiled_ms(1, context) * self.plain_ratio
+
+    def observe_plain(self, context: int, round_ms: float) -> None:
+        ratio = round_ms / float(self.cost.profiled_ms(1, context))
+        self.plain_ratio = ratio if self.plain_ratio is None else 0.9 * self.plain_ratio + 0.1 * ratio
+
+    def observe_drafted(self, context: int, round_ms: float, expected: float, accepted: int) -> None:
+        self.savings.add((1 + expected) * self.plain_round_ms(context) - round_ms)
+        self.shortfall.add(accepted - expected)
+
+    def state(self) -> dict:
+        return {"plain_ratio": self.plain_ratio, "savings": self.savings.sums, "shortfall": self.shortfall.sums}
+
+    def load_state(self, state: dict) -> None:
+        self.plain_ratio = state.get("plain_ratio")
+        self.savings.sums = [float(x) for x in state.get("savings", self.savings.sums)]
+        self.shortfall.sums = [float(x) for x in state.get("shortfall", self.shortfall.sums)]
+
+
 ADAPTIVE_METHODS = ("caddtree", "bastion", "auto")
 
 
@@ -185,15 +283,8 @@ class TreeSizer:
     bastion:  the greedy rule on the calibrated roofline estimate, never below `min_nodes`.
     auto:     the exact argmax of Phi(n) - rate * C_v(n + 1) on the raw measured table, n = 0
               included, rate being the tokens per ms it decodes at (measured over recent rounds,
-              never below plain decoding's): `best_size`. Before drafting it
-              checks that speculation pays: measured, once `min_samples` drafted rounds are
-              known, as the time drafted rounds saved against plain rounds producing the same
-              tokens (drafting goes on while the mean saving plus one standard error is >= 0;
-              see `measured_saving`);
-              predicted before that (recent rounds' expected gain on the measured curve beats
-              plain decoding). When it does not pay it decodes plainly, probing with a drafted
-              round after `probe_every` plain rounds, the interval doubling (to
-              `max_probe_every`) while the answer stays no, and at a new prompt.
+              never below plain decoding's): `best_size`. Before drafting, its
+              SpeculationGate (`self.gate`) checks that speculation pays.
 
     `explore(sizes)` makes any method draft every round and verify the given node counts in turn
     (the calibration warm-up: in-situ verify costs at every size, and acceptance statistics).
@@ -209,18 +300,10 @@ class TreeSizer:
         self.lookup_calibrators = [AcceptanceCalibrator() for _ in SOURCES[1:]]
         self.expected_phi: np.ndarray | None = None
         self.overhead_ms = cost.profile.overhead_ms
-        self.probe_every, self.min_nodes = probe_every, min_nodes
-        self.base_probe_every, self.max_probe_every = probe_every, max_probe_every
-        # measured: a plain round's wall time over the profiled one-token verify (EMA); what
-        # drafted rounds saved against plain rounds producing their expected tokens (recent
-        # rounds); the accepted minus expected tokens (a long window: the surrogate's bias)
-        self.plain_ratio: float | None = None
-        self.savings = Savings(decay=0.8)  # ~9 rounds: the text decoded now (code, chat) decides
-        self.shortfall = Savings(decay=0.998)
+        self.min_nodes = min_nodes
+        self.gate = SpeculationGate(cost, probe_every, max_probe_every, min_samples)  # auto's go/no-go
         self._expected = 0.0
         self.recent = [0.0, 0.0]  # decayed tokens and wall ms of this policy's rounds: its rate
-        self.min_samples = min_samples
-        self.skipped = 0
         self.chosen: list[int] = []  # sizes chosen (0: a plain round); the exploring schedule indexes it
         self._predicted_raw = 0.0  # this round's expected accepted tokens from raw path probabilities
         self._chose = False
@@ -245,8 +328,7 @@ class TreeSizer:
                 "lookup_acceptance": [{"hits": c.hits.tolist(), "trials": c.trials.tolist()}
                                       for c in self.lookup_calibrators],
                 "expected_phi": None if self.expected_phi is None else self.expected_phi.tolist(),
-                "plain_ratio": self.plain_ratio, "savings": self.savings.sums, "shortfall": self.shortfall.sums,
-                "recent": self.recent}
+                **self.gate.state(), "recent": self.recent}
 
     def load_state(self, state: dict) -> None:
         acceptance = state.get("acceptance", {})
@@ -261,9 +343,7 @@ class TreeSizer:
         self.overhead_ms = float(state["overhead_ms"])
         phi = state.get("expected_phi")
         self.expected_phi = None if phi is None else np.array(phi, dtype=float)
-        self.plain_ratio = state.get("plain_ratio")
-        self.savings.sums = [float(x) for x in state.get("savings", self.savings.sums)]
-        self.shortfall.sums = [float(x) for x in state.get("shortfall", self.shortfall.sums)]
+        self.gate.load_state(state)
         self.recent = [float(x) for x in state.get("recent", self.recent)]
 
     def _curve(self, context: int, smooth: bool, nodes: int | None = None) -> np.ndarray:
@@ -279,56 +359,15 @@ class TreeSizer:
         fixed = self.cost.draft_ms(context) + self.overhead_ms
         return throughput(self.expected_phi, verify, fixed)[1:].max(initial=0.0) > 1.0 / verify[0]
 
-    def measured_saving(self, context: int) -> tuple[float, float]:
-        """Mean and standard error of the ms a drafted round saves against plain rounds.
-
-        A round's realised saving, (1 + accepted) * plain - wall, swings by a plain round per
-        token accepted or not (SD 10-15 ms where the mean is ~2 ms): too noisy to decide on. So
-        each round's sample uses its calibrated expected tokens instead, (1 + expected) * plain -
-        wall, and the accepted-minus-expected tokens, a zero-mean control variate when the
-        calibration is right, are averaged over a long window and added back: the estimate stays
-        unbiased (the surrogate's bias is measured, not trusted) at a fraction of the variance
-        (per-round SD 1.5-4 ms).
-        The price: what the drafter's own confidence shows (a prompt it is bad at) counts at
-        once, but a drafter that turns confidently wrong counts only as fast as the long window
-        and the calibration map learn it (tens of rounds)."""
-        plain = self.plain_round_ms(context)
-        mean, se = self.savings.mean_se()
-        if self.shortfall.count() == 0:
-            return mean, se
-        bias, bias_se = self.shortfall.mean_se()
-        return mean + plain * bias, (se * se + (plain * bias_se) ** 2) ** 0.5
-
-    def speculation_pays(self, context: int) -> bool:
-        """Measured drafted rounds save time (optimistically: mean + one standard error >= 0);
-        the prediction decides until enough drafted rounds are measured."""
-        if self.savings.count() < self.min_samples:
-            return self.predicted_pays(context)
-        mean, se = self.measured_saving(context)
-        return mean + se >= 0.0
-
-    def plain_round_ms(self, context: int) -> float:
-        """What a plain round costs here, wall time: the profiled one-token verify times what
-        plain rounds measured over it. Plain rounds keep their own ratio: the cost model's drift
-        is learned mostly from drafted rounds, whose verify runs after the drafter (colder
-        caches), and a policy that drafts nearly every round would otherwise price plain rounds
-        at that (bf16: 25 ms against 21.8 measured), overstating what drafting saves."""
-        if self.plain_ratio is None:
-            return self.cost.verify_ms(1, context) + 0.3  # nothing measured yet: the verify, small extras
-        return self.cost.profiled_ms(1, context) * self.plain_ratio
-
     def rate(self, context: int) -> float:
         """Tokens per ms this policy decodes at: measured over recent rounds, at least plain
         decoding's (a node that buys less than a plain round would in its time never pays)."""
         tokens, ms = self.recent
-        plain = 1.0 / self.plain_round_ms(context)
+        plain = 1.0 / self.gate.plain_round_ms(context)
         return max(plain, tokens / ms) if ms > 0 else plain
 
     def start_sequence(self) -> None:
-        """A new prompt: inside a plain streak, its first round probes (a new text can be one the
-        drafter is good at: code after chat)."""
-        if self.skipped:
-            self.skipped = self.probe_every
+        self.gate.start_sequence()
 
     def should_draft(self, context: int) -> bool:
         if self.schedule:  # exploring: a size of 0 is a plain round (no drafter), measured as one
@@ -338,19 +377,8 @@ class TreeSizer:
             return False
         if self.method != "auto" or self.expected_phi is None:
             return True
-        if 0 < self.skipped < self.probe_every:  # inside a plain streak: no evaluation at all
-            self.skipped += 1
-            self.chosen.append(0)
-            self._plain_pending = True
-            return False
-        if self.skipped:  # the streak ends with a probe; the next one is longer if this one loses
-            self.skipped = 0
-            self.probe_every = min(2 * self.probe_every, self.max_probe_every)
+        if self.gate.open(context, self.predicted_pays):
             return True
-        if self.speculation_pays(context):
-            self.probe_every = self.base_probe_every
-            return True
-        self.skipped = 1
         self.chosen.append(0)
         self._plain_pending = True
         return False
@@ -437,13 +465,11 @@ class TreeSizer:
                 self.overhead_ms = 0.9 * self.overhead_ms + 0.1 * overhead_ms
         if round_ms is not None and round_ms > 0:
             if not self._chose or (not self._drafted and tree.size == 0):  # a plain round, the warm-up's too
-                ratio = round_ms / float(self.cost.profiled_ms(1, context))
-                self.plain_ratio = ratio if self.plain_ratio is None else 0.9 * self.plain_ratio + 0.1 * ratio
+                self.gate.observe_plain(context, round_ms)
             if not self.schedule:  # exploring is not the policy
                 self.recent = [0.98 * self.recent[0] + accept_len + 1, 0.98 * self.recent[1] + round_ms]
                 if self._chose and self._drafted:  # the gate decides whether to run the drafter
-                    self.savings.add((1 + self._expected) * self.plain_round_ms(context) - round_ms)
-                    self.shortfall.add(accept_len - self._expected)
+                    self.gate.observe_drafted(context, round_ms, self._expected, accept_len)
         self._chose = self._drafted = self._plain_pending = False
 
 

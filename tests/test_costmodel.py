@@ -207,19 +207,19 @@ def test_auto_trusts_measured_rounds_over_the_surrogate_and_backs_off_probes():
     for _ in range(5):  # predicted to pay, so it drafts, but each round takes 40 ms for one token
         assert sizer.should_draft(128)
         drafted_round([0], 40.0)
-    mean, se = sizer.measured_saving(128)  # measured: the surrogate's promise does not count
+    mean, se = sizer.gate.measured_saving(128)  # measured: the surrogate's promise does not count
     assert mean < 21.3 - 40.0 + 0.5 and mean + se < 0  # lost: a plain round (21 ms + extras) takes 40
     pattern = [sizer.should_draft(128) for _ in range(26)]
     assert pattern[:9] == [False] * 8 + [True]  # measured to lose: a plain streak, then one probe
     assert pattern[9:26] == [False] * 16 + [True]  # still no: the next streak is twice as long
-    assert sizer.probe_every == 32
+    assert sizer.gate.probe_every == 32
     for _ in range(12):  # probes that save time (4 tokens in 30 ms where plain takes 4 x 21.3)
-        sizer.skipped = sizer.probe_every
+        sizer.gate.skipped = sizer.gate.probe_every
         assert sizer.should_draft(128)
         drafted_round([0, 1, 2, 3], 30.0)
-    assert sizer.savings.mean_se()[0] > 0
-    assert all(sizer.should_draft(128) for _ in range(5)) and sizer.probe_every == 8
-    sizer.skipped, sizer.probe_every = 1, 32  # inside a long plain streak
+    assert sizer.gate.savings.mean_se()[0] > 0
+    assert all(sizer.should_draft(128) for _ in range(5)) and sizer.gate.probe_every == 8
+    sizer.gate.skipped, sizer.gate.probe_every = 1, 32  # inside a long plain streak
     assert not sizer.should_draft(128)
     sizer.start_sequence()  # a new prompt ends the streak: its first round probes
     assert sizer.should_draft(128)
@@ -298,7 +298,7 @@ def test_first_use_warms_up_and_a_new_process_starts_from_what_was_learned(tiny_
     warmed = engine.sizer("auto", DEFAULT_CAP)
     assert warmed.expected_phi is not None and not warmed.schedule and warmed.chosen == []
     assert (cost.size_weight > 0).sum() >= 4  # in-situ verify costs at several sizes
-    assert warmed.savings.count() == 0  # exploring is not the policy
+    assert warmed.gate.savings.count() == 0  # exploring is not the policy
     engine.generate("the cat sat on", method="auto", max_new_tokens=12, chat=False)
     saved = json.loads(learned_path(profile_path(profile_key(engine))).read_text())
     assert f"auto/{DEFAULT_CAP}" in saved["sizers"]
