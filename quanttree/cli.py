@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoints", default=None,
                        help="checkpoint folder name inside --work, one per training run (default: checkpoints, "
                             "or checkpoints-vp with --variable-prefix)")
+    train.add_argument("--refresh-vocab", action="store_true",
+                       help="with --init-from: choose the draft vocabulary (--draft-vocab tokens) from this data "
+                            "instead of keeping the drafter's (its weights do not depend on it)")
     train.add_argument("--device", default=None)
     return parser
 
@@ -214,7 +217,7 @@ def cmd_train_drafter(args) -> int:
                           anchors=args.anchors, seqs_per_step=args.seqs_per_step, steps=args.steps, lr=args.lr,
                           gamma=args.gamma, variable_prefix=args.variable_prefix, distill=args.distill,
                           init=args.init, feature_layers=args.feature_layers, mask_token_id=args.mask_token_id,
-                          fc_init=args.fc_init, eval_every=args.eval_every,
+                          fc_init=args.fc_init, eval_every=args.eval_every, refresh_vocab=args.refresh_vocab,
                           init_from=str(resolve_drafter_dir(args.init_from)) if args.init_from else None)
         if args.stage == "features":
             run_features_stage(engine, paths, training_layers(engine.target, cfg))

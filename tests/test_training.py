@@ -160,3 +160,31 @@ def test_variable_prefix_training_makes_a_usable_vp_drafter(tiny_chat_engine, tm
                             device="cpu")
     ar = engine.generate("hello", method="ar", max_new_tokens=16, chat=False)
     assert engine.generate("hello", method="d2sd", max_new_tokens=16, chat=False).token_ids == ar.token_ids
+
+
+def test_init_from_keeps_the_weights_and_can_refresh_the_vocabulary(tiny_chat_engine, tmp_path):
+    """Continuing a drafter on new data: its layers carry over; --refresh-vocab picks the draft
+    vocabulary from the new data (its logits are rows of the target's lm_head)."""
+    from quanttree.train.trainer import draft_vocabulary
+
+    paths = TrainPaths(tmp_path / "work")
+    run_data_stage(tiny_chat_engine, paths, token_goal=200, gen_cfg=GenConfig(max_new_tokens=12, batch_size=8,
+                                                                              chunk=16))
+    cache = run_features_stage(tiny_chat_engine, paths, (1, 3))
+    base = dict(num_layers=1, block_size=4, num_features=2, draft_vocab=64, anchors=6, seqs_per_step=2, steps=2,
+                ckpt_every=2, eval_every=2, eval_seqs=4)
+    first = Trainer(tiny_chat_engine.target, cache, TrainConfig(**base), tmp_path / "c1", log=lambda *_: None)
+    first.train()
+    old = first.export(tmp_path / "d")
+    planted = torch.arange(1000, 1064)  # a vocabulary unlike this data's
+    (old / "draft_vocab.json").write_text(json.dumps(planted.tolist()))
+    kept = Trainer(tiny_chat_engine.target, cache, TrainConfig(**base, init_from=str(old)), tmp_path / "c2",
+                   log=lambda *_: None)
+    assert torch.equal(kept.vocab, planted)
+    fresh = Trainer(tiny_chat_engine.target, cache, TrainConfig(**base, init_from=str(old), refresh_vocab=True),
+                    tmp_path / "c3", log=lambda *_: None)
+    want = draft_vocabulary([fresh.response(i) for i in fresh.train_ids], 64, tiny_chat_engine.target.vocab_size,
+                            frozenset())
+    assert torch.equal(fresh.vocab, want) and not torch.equal(fresh.vocab, planted)
+    for name, value in kept.drafter.state_dict().items():
+        assert torch.equal(fresh.drafter.state_dict()[name], value), name

@@ -53,6 +53,7 @@ class TrainConfig:
     prefix_decay: float = 0.9
     bf16_autocast: bool = True  # drafter matmuls in bf16, fp32 master weights
     init_from: str | None = None  # start from this drafter dir (its shape and draft vocabulary win)
+    refresh_vocab: bool = False  # with init_from: pick the draft vocabulary from this run's data instead
     mask_token_id: int | None = None  # a target vocabulary token as the mask (None: a learned mask embedding)
 
 
@@ -189,6 +190,13 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the drafter's initialisation depends only on the config
         if cfg.init_from:
             self.drafter, vocab = start_from_drafter(Path(cfg.init_from), target)
+            if cfg.refresh_vocab:  # new data (chat after code) brings words the old vocabulary lacks
+                if self.drafter.lm_head is not None:
+                    raise ValueError(f"{cfg.init_from} has its own lm_head over its draft vocabulary: "
+                                     "its vocabulary cannot change (drop --refresh-vocab)")
+                responses = [self.response(i) for i in self.train_ids]
+                vocab = draft_vocabulary(responses, cfg.draft_vocab, target.vocab_size, eos_ids) \
+                    if 0 < cfg.draft_vocab < target.vocab_size else None
             self.use_vocab(vocab)
         else:
             vocab = target.vocab_size
