@@ -135,11 +135,15 @@ def test_cli_train_drafter_stage_train_without_data(tmp_path, tiny_chat_engine):
     assert code == 2  # a clear error: no data yet
 
 
-def test_variable_prefix_training_makes_a_usable_vp_drafter(tiny_chat_engine, tmp_path):
+def small_feature_cache(engine, tmp_path):
+    """~200 response tokens of the tiny chat model, with features of layers 1 and 3."""
     paths = TrainPaths(tmp_path / "work")
-    run_data_stage(tiny_chat_engine, paths, token_goal=200, gen_cfg=GenConfig(max_new_tokens=12, batch_size=8,
-                                                                              chunk=16))
-    cache = run_features_stage(tiny_chat_engine, paths, (1, 3))
+    run_data_stage(engine, paths, token_goal=200, gen_cfg=GenConfig(max_new_tokens=12, batch_size=8, chunk=16))
+    return run_features_stage(engine, paths, (1, 3))
+
+
+def test_variable_prefix_training_makes_a_usable_vp_drafter(tiny_chat_engine, tmp_path):
+    cache = small_feature_cache(tiny_chat_engine, tmp_path)
     base = dict(num_layers=1, block_size=4, num_features=2, draft_vocab=512, anchors=6, seqs_per_step=2, steps=3,
                 ckpt_every=3, eval_every=3, eval_seqs=4)
     dflash = Trainer(tiny_chat_engine.target, cache, TrainConfig(**base), tmp_path / "c1", log=lambda *_: None)
@@ -167,10 +171,7 @@ def test_init_from_keeps_the_weights_and_can_refresh_the_vocabulary(tiny_chat_en
     vocabulary from the new data (its logits are rows of the target's lm_head)."""
     from quanttree.train.trainer import draft_vocabulary
 
-    paths = TrainPaths(tmp_path / "work")
-    run_data_stage(tiny_chat_engine, paths, token_goal=200, gen_cfg=GenConfig(max_new_tokens=12, batch_size=8,
-                                                                              chunk=16))
-    cache = run_features_stage(tiny_chat_engine, paths, (1, 3))
+    cache = small_feature_cache(tiny_chat_engine, tmp_path)
     base = dict(num_layers=1, block_size=4, num_features=2, draft_vocab=64, anchors=6, seqs_per_step=2, steps=2,
                 ckpt_every=2, eval_every=2, eval_seqs=4)
     first = Trainer(tiny_chat_engine.target, cache, TrainConfig(**base), tmp_path / "c1", log=lambda *_: None)
