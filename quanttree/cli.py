@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--tokens", type=int, default=2_000_000, help="response tokens to generate")
     train.add_argument("--batch-size", type=int, default=64, help="generation batch size")
     train.add_argument("--max-new-tokens", type=int, default=256, help="response length cap for data")
+    train.add_argument("--round", type=int, default=0,
+                       help="data: 0 = the target's greedy responses; R >= 1 = one more sampled response per "
+                            "training prompt (round R, its own shards)")
+    train.add_argument("--temperature", type=float, default=0.8, help="data, sampled rounds: temperature")
+    train.add_argument("--top-p", type=float, default=0.95, help="data, sampled rounds: nucleus")
+    train.add_argument("--prompt-range", type=prompt_range, default=None,
+                       help="data: only pool prompts START:END (e.g. 3968:6982, the chat-style section)")
     train.add_argument("--steps", type=int, default=2000, help="optimizer steps in total")
     train.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this long")
     train.add_argument("--layers", type=int, default=2, help="drafter layers")
@@ -196,6 +203,14 @@ def cmd_info(args) -> int:
     return 0
 
 
+def prompt_range(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END pool indices like 3968:6982, got {text!r}") from None
+    return start, end
+
+
 def cmd_train_drafter(args) -> int:
 
     from .engine import load
@@ -206,7 +221,8 @@ def cmd_train_drafter(args) -> int:
                   log=lambda msg: print(msg, file=sys.stderr))
     paths = TrainPaths(Path(args.work) if args.work else default_work_dir(args.target, engine.quant))
     if args.stage in ("data", "all"):
-        gen = GenConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        gen = GenConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, round=args.round,
+                        temperature=args.temperature, top_p=args.top_p, prompts=args.prompt_range)
         run_data_stage(engine, paths, args.tokens, gen)
     if args.stage in ("features", "train", "all"):
         from .drafter import resolve_drafter_dir

@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,3 +190,40 @@ def test_init_from_keeps_the_weights_and_can_refresh_the_vocabulary(tiny_chat_en
     assert torch.equal(fresh.vocab, want) and not torch.equal(fresh.vocab, planted)
     for name, value in kept.drafter.state_dict().items():
         assert torch.equal(fresh.drafter.state_dict()[name], value), name
+
+
+def test_sampled_rounds_add_responses_and_the_cache_grows_whatever_the_shard_order(tiny_chat_engine, tmp_path):
+    from quanttree.train.datagen import pack_dataset, shard_round, unpack_dataset
+    from quanttree.train.features import open_cache
+
+    paths = TrainPaths(tmp_path / "work")
+    greedy = GenConfig(max_new_tokens=10, batch_size=8, chunk=16, prompts=(32, 48))
+    run_data_stage(tiny_chat_engine, paths, token_goal=10**6, gen_cfg=greedy)
+    assert [p.name for p in sorted(paths.data.glob("shard-*.npz"))] == ["shard-00002.npz"]
+    run_features_stage(tiny_chat_engine, paths, (1, 3))
+    sampled = GenConfig(max_new_tokens=10, batch_size=8, chunk=16, prompts=(0, 48), round=1, temperature=1.0)
+    run_data_stage(tiny_chat_engine, paths, token_goal=10**6, gen_cfg=sampled)
+    names = sorted(p.name for p in paths.data.glob("shard-*.npz"))
+    assert names == ["shard-00002.npz", "shard-r1-00000.npz", "shard-r1-00001.npz", "shard-r1-00002.npz"]
+    seqs = load_shards(paths.data)
+    assert all(p % 50 for _, _, p in seqs[16:])  # held-out prompts (0) get no sampled response
+    same = {p: t for t, _, p in seqs[:16]}
+    assert any(not np.array_equal(t, same[p]) for t, _, p in seqs[16:] if p in same)  # sampled, not greedy
+    # the same seed draws the same responses (a killed round regenerates a shard identically)
+    again = TrainPaths(tmp_path / "again")
+    run_data_stage(tiny_chat_engine, again, token_goal=10**6, gen_cfg=sampled)
+    for (a, _, _), (b, _, _) in zip(seqs[16:], load_shards(again.data)):
+        assert np.array_equal(a, b)
+    # a greedy shard that sorts before the sampled ones: the cache still grows in place
+    run_data_stage(tiny_chat_engine, paths, token_goal=10**6, gen_cfg=GenConfig(
+        max_new_tokens=10, batch_size=8, chunk=16, prompts=(16, 32)))
+    before = open_cache(paths.work / "features")
+    kept = before.feature_rows(0).clone()
+    cache = run_features_stage(tiny_chat_engine, paths, (1, 3))
+    assert len(cache) == len(load_shards(paths.data)) and torch.equal(cache.feature_rows(0), kept)
+    # packing keeps each sequence's round: unpacked on a fresh machine, nothing is regenerated
+    packed = pack_dataset(paths.data, tmp_path / "packed.npz")
+    fresh = tmp_path / "fresh"
+    unpack_dataset(packed, fresh, chunk=16)
+    assert sorted(p.name for p in fresh.glob("*.npz")) == sorted(p.name for p in paths.data.glob("*.npz"))
+    assert [shard_round(p) for p in sorted(fresh.glob("*.npz"))] == [0, 0, 1, 1, 1]

@@ -120,6 +120,27 @@ def _holds_prefix(path: Path, sequences, count: int) -> bool:
                for i in range(count))
 
 
+def order_like_cache(path: Path, sequences: list) -> list:
+    """`sequences` reordered so the ones an existing cache at `path` holds come first, in its order
+    (matched by token ids), then the rest in their given order. New shards can then sort anywhere
+    among the old ones (a sampled round, a later greedy shard) and the cache still grows in place."""
+    if not (path / "index.npz").exists():
+        return list(sequences)
+    with np.load(path / "index.npz") as z:
+        offsets, tokens = z["offsets"], z["tokens"]
+    where: dict[bytes, list[int]] = {}
+    for i, seq in enumerate(sequences):
+        where.setdefault(np.asarray(seq[0], dtype=np.int32).tobytes(), []).append(i)
+    first = []
+    for j in range(len(offsets) - 1):
+        hits = where.get(tokens[offsets[j]:offsets[j + 1]].astype(np.int32).tobytes())
+        if not hits:
+            return list(sequences)  # not a subset: _start_cache reports the mismatch
+        first.append(hits.pop(0))
+    taken = set(first)
+    return [sequences[i] for i in first] + [s for i, s in enumerate(sequences) if i not in taken]
+
+
 def _start_cache(path: Path, sequences, layers, hidden: int, top_k: int, identity: dict) -> dict:
     """Create the files (or check that an existing build is the same build, grown by new data
     appended after it) and return meta."""

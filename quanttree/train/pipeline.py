@@ -94,10 +94,10 @@ def run_features_stage(engine, paths: TrainPaths, layers: tuple[int, ...], top_k
     """Target features + top-k soft labels of every training sequence, cached once (resumable).
     A finished cache that holds these layers (and maybe more) is reused as it is."""
     from .datagen import load_shards
-    from .features import build_cache, open_cache
+    from .features import build_cache, open_cache, order_like_cache
 
     where = paths.work / "features"
-    sequences = load_shards(paths.data)
+    sequences = order_like_cache(where, load_shards(paths.data))
     if (where / "meta.json").exists():
         cache = open_cache(where)
         if len(cache) == len(cache.pool_index) == (len(sequences) or len(cache)) and set(layers) <= set(cache.layers):

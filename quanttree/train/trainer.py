@@ -23,6 +23,7 @@ from ..drafter import (DFlashDrafter, check_fits_target, init_random, random_dra
 from ..errors import QuanttreeError
 from ..target import Target
 from .baselines import slot1_baselines
+from .datagen import is_held_out
 from .features import FeatureCache
 
 
@@ -59,10 +60,10 @@ class TrainConfig:
 
 # ---------------------------------------------------------------- data
 
-def split_indices(pool_index, heldout_every: int = 50) -> tuple[list[int], list[int]]:
+def split_indices(pool_index) -> tuple[list[int], list[int]]:
     """Held-out = every 50th pool prompt, so the split is stable as data grows. -> (train, held) rows"""
-    train = [i for i, p in enumerate(pool_index) if int(p) % heldout_every]
-    held = [i for i, p in enumerate(pool_index) if int(p) % heldout_every == 0]
+    train = [i for i, p in enumerate(pool_index) if not is_held_out(p)]
+    held = [i for i, p in enumerate(pool_index) if is_held_out(p)]
     return train, held
 
 
