@@ -363,7 +363,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         taus = [r["tau"] for r in rs if r["tau"] is not None]
         tau = statistics.mean(taus) if taus else None
         phases = {k: statistics.mean(r["phase_ms"].get(k, 0.0) / max(r["rounds"], 1) for r in rs)
-                  for k in ("draft", "build", "verify", "walk")}
+                  for k in ("draft", "lookup", "build", "verify", "walk")}
         speedups = [r["speedup"] for r in rs if r["speedup"] is not None]
         out.append({"quant": quant, "method": method, "budget": budget,
                     "tps": statistics.mean(r["tps"] for r in rs),
@@ -409,7 +409,7 @@ def policy_report(rows: list[dict], summary: list[dict]) -> str:
 
 def markdown(summary: list[dict], notes: list[str]) -> str:
     lines = ["| quant | method | budget | tok/s | speedup vs our AR | tau | tau vs fp32 | tree | "
-             "draft / verify / build+walk ms per round | weights MB | peak RSS MB | greedy != AR (max AR top-2 logit gap there) |",
+             "draft (drafter + lookup) / verify / build+walk ms per round | weights MB | peak RSS MB | greedy != AR (max AR top-2 logit gap there) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         ph = s["phase_ms_per_round"]
@@ -417,7 +417,7 @@ def markdown(summary: list[dict], notes: list[str]) -> str:
         gap = "" if s.get("max_gap") is None else f" ({s['max_gap']:.3f})"
         lines.append(f"| {s['quant']} | {s['method']} | {s['budget'] or '-'} | {s['tps']:.1f} | {s['speedup']:.2f}x{_ci(s)} | "
                      f"{fmt(s['tau'], '.2f')} | {fmt(s['tau_vs_fp32'], '.2f')} | {s['tree']:.1f} | "
-                     f"{ph['draft']:.1f} / {ph['verify']:.1f} / {ph['build'] + ph['walk']:.1f} | {s['weights_mb']:.0f} | {s['peak_mb']:.0f} | "
+                     f"{ph['draft']:.1f} + {ph['lookup']:.2f} / {ph['verify']:.1f} / {ph['build'] + ph['walk']:.1f} | {s['weights_mb']:.0f} | {s['peak_mb']:.0f} | "
                      f"{'**' + str(s['mismatches']) + '**' if s['mismatches'] else 0}/{s['prompts']}{gap} |")
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 

@@ -43,12 +43,14 @@ class DecodeConfig:
 @dataclass
 class PhaseTimes:
     draft: float = 0.0  # drafter passes, absorbing committed tokens included
-    build: float = 0.0
+    lookup: float = 0.0  # the n-gram source: index lookups and its tree
+    build: float = 0.0  # shaping, merging and sizing trees, compiling the verify inputs
     verify: float = 0.0
     walk: float = 0.0  # select + walk + KV compaction
 
     def add(self, other: "PhaseTimes") -> None:
         self.draft += other.draft
+        self.lookup += other.lookup
         self.build += other.build
         self.verify += other.verify
         self.walk += other.walk
@@ -232,7 +234,7 @@ def propose(method: str, drafter: DrafterSource | None, lookup_src: LookupSource
         alone = method == "lookup"
         budget = cfg.budget if alone or sizer is None else sizer.build_budget()
         lookup = lookup_src.propose(root, cfg.budget if alone else LOOKUP_DEPTH, budget, chain_only)
-        times.build += clock() - t0
+        times.lookup += clock() - t0
         if alone:
             return lookup if lookup is not None else root_only(root)
     if drafter is None or (sizer is not None and not sizer.should_draft(start)):
@@ -357,7 +359,7 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
         tokens, finished = finish(new, produced, cfg)
         t3 = clock()
         times.walk += t3 - t2
-        times.build = (t1 - t0) - times.draft  # tree building includes compiling it
+        times.build = (t1 - t0) - times.draft - times.lookup  # tree building includes compiling it
         prediction = sizer.prediction() if sizer is not None else None
         if sizer is not None:
             sizer.observe(tree, accepted.path, tree.size + 1, start, 1000 * (t2 - t1),

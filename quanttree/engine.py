@@ -73,9 +73,9 @@ class Stats:
 
     def phase_ms(self) -> dict[str, float]:
         t = self.times
-        other = max(self.decode_s - t.draft - t.build - t.verify - t.walk, 0.0)
-        return {k: 1000 * v for k, v in
-                {"draft": t.draft, "build": t.build, "verify": t.verify, "walk": t.walk, "other": other}.items()}
+        other = max(self.decode_s - t.draft - t.lookup - t.build - t.verify - t.walk, 0.0)
+        return {k: 1000 * v for k, v in {"draft": t.draft, "lookup": t.lookup, "build": t.build, "verify": t.verify,
+                                         "walk": t.walk, "other": other}.items()}
 
     def add(self, step: Step) -> None:
         self.new_tokens += len(step.tokens)

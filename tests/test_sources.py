@@ -28,6 +28,8 @@ def test_auto_without_a_drafter_speculates_with_lookup_and_stays_exact(embedded_
     assert out.stats.method == "auto" and set(out.stats.by_source) == {"lookup"}
     drafted, accepted = out.stats.by_source["lookup"]
     assert accepted >= 10 and out.stats.rounds < len(ar.token_ids) - 10  # copied tokens came in groups
+    phases = out.stats.phase_ms()  # each source's time is its own phase
+    assert phases["lookup"] > 0 and phases["draft"] == 0
 
 
 def test_auto_merges_drafter_and_lookup():
@@ -41,3 +43,5 @@ def test_auto_merges_drafter_and_lookup():
     accepted_copy = sources.get("lookup", [0, 0])[1] + sources.get("both", [0, 0])[1]
     assert accepted_copy >= 10, sources
     assert "accepted/drafted" in out.stats.summary()
+    phases = out.stats.phase_ms()
+    assert phases["lookup"] > 0 and phases["draft"] > 0 and phases["build"] > 0
