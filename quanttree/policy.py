@@ -175,6 +175,50 @@ class Savings:
         return mean, (var / max(self.count(), 1.0)) ** 0.5
 
 
+class DrafterWorth:
+    """Whether a round's drafter pass is worth its time when n-gram lookup already proposes.
+
+    Per bin of lookup's calibrated chance that its first token is right, the decayed mean of what
+    the drafter's nodes added to a round's objective (Phi(n) - rate * C_v(n + 1) of the merged
+    tree, minus the same for lookup's nodes alone), measured on rounds that drafted. Where that
+    is below the drafter pass's own price (rate * draft ms) the round verifies lookup's nodes
+    alone; every `probe_every`-th such round drafts anyway, so the estimate follows the drafter
+    and the text. Where lookup is unsure (or absent) the drafter always runs."""
+
+    EDGES = np.array([0.5, 0.7, 0.8, 0.9, 0.95])
+
+    def __init__(self, decay: float = 0.95, min_samples: float = 3.0, probe_every: int = 8):
+        self.sum = np.zeros(self.EDGES.size + 1)
+        self.weight = np.zeros(self.EDGES.size + 1)
+        self.skips = np.zeros(self.EDGES.size + 1, dtype=int)
+        self.decay, self.min_samples, self.probe_every = decay, min_samples, probe_every
+
+    @classmethod
+    def bin(cls, p: float) -> int:
+        return int(np.searchsorted(cls.EDGES, p, side="right"))
+
+    def worth(self, p: float, price: float) -> bool:
+        """Run the drafter this round? p: lookup's first-token chance; price: tokens the pass's
+        time would buy at the current rate."""
+        b = self.bin(p)
+        if b == 0 or self.weight[b] < self.min_samples or self.sum[b] / self.weight[b] > price:
+            return True
+        self.skips[b] += 1
+        return self.skips[b] % self.probe_every == 0
+
+    def observe(self, p: float, added: float) -> None:
+        b = self.bin(p)
+        self.sum[b] = self.decay * self.sum[b] + added
+        self.weight[b] = self.decay * self.weight[b] + 1.0
+
+    def state(self) -> dict:
+        return {"sum": self.sum.tolist(), "weight": self.weight.tolist()}
+
+    def load_state(self, state: dict) -> None:
+        if np.shape(state.get("sum")) == self.sum.shape and np.shape(state.get("weight")) == self.weight.shape:
+            self.sum, self.weight = np.array(state["sum"], dtype=float), np.array(state["weight"], dtype=float)
+
+
 class SpeculationGate:
     """auto's go/no-go: does drafting pay right now, or should this round decode plainly?
 
@@ -302,6 +346,8 @@ class TreeSizer:
         self.overhead_ms = cost.profile.overhead_ms
         self.min_nodes = min_nodes
         self.gate = SpeculationGate(cost, probe_every, max_probe_every, min_samples)  # auto's go/no-go
+        self.worth = DrafterWorth()  # auto: skip the drafter pass where lookup's draft suffices
+        self._lookup_p: float | None = None  # this round's lookup first-token chance, if asked
         self._expected = 0.0
         self.recent = [0.0, 0.0]  # decayed tokens and wall ms of this policy's rounds: its rate
         self.chosen: list[int] = []  # sizes chosen (0: a plain round); the exploring schedule indexes it
@@ -328,7 +374,7 @@ class TreeSizer:
                 "lookup_acceptance": [{"hits": c.hits.tolist(), "trials": c.trials.tolist()}
                                       for c in self.lookup_calibrators],
                 "expected_phi": None if self.expected_phi is None else self.expected_phi.tolist(),
-                **self.gate.state(), "recent": self.recent}
+                **self.gate.state(), "recent": self.recent, "drafter_worth": self.worth.state()}
 
     def load_state(self, state: dict) -> None:
         acceptance = state.get("acceptance", {})
@@ -344,6 +390,7 @@ class TreeSizer:
         phi = state.get("expected_phi")
         self.expected_phi = None if phi is None else np.array(phi, dtype=float)
         self.gate.load_state(state)
+        self.worth.load_state(state.get("drafter_worth", {}))
         self.recent = [float(x) for x in state.get("recent", self.recent)]
 
     def _curve(self, context: int, smooth: bool, nodes: int | None = None) -> np.ndarray:
@@ -387,13 +434,37 @@ class TreeSizer:
         """One per entry of tree.SOURCES."""
         return [self.calibrator] + self.lookup_calibrators
 
-    def calibrate_sources(self, tree: Tree) -> np.ndarray:
+    def drafter_worth(self, lookup: Tree, context: int) -> bool:
+        """auto, with lookup's draft in hand: is the drafter pass worth running this round?"""
+        if self.method != "auto" or self.schedule or lookup.size == 0:
+            return True
+        path = self.calibrate_sources(lookup)
+        self._lookup_p = float(min(path[lookup.depths.cpu().numpy() == 1].sum(), 1.0))
+        return self.worth.worth(self._lookup_p, self.rate(context) * self.cost.draft_ms(context))
+
+    def _objective(self, phi: np.ndarray, context: int, nodes: int) -> float:
+        """max over n of Phi(n) - rate * C_v(n + 1): what a round's nodes buy (auto's choice)."""
+        verify = self._curve(context, smooth=False, nodes=nodes)
+        m = min(phi.size, verify.size)
+        return float(np.max(phi[:m] - self.rate(context) * verify[:m]))
+
+    def _phi(self, tree: Tree, path: np.ndarray) -> np.ndarray:
+        """Phi(n) of a tree from calibrated path probabilities, nodes in their best-first order."""
+        ranked = Tree(tree.tokens, tree.parents, tree.depths,
+                      torch.tensor(np.log(np.maximum(path, 1e-30)), dtype=torch.float32, device=tree.scores.device),
+                      tree.own)
+        return expected_gain(path[pop_order(ranked).cpu().numpy()])
+
+    def calibrate_sources(self, tree: Tree, sources: range | None = None) -> np.ndarray:
         """Calibrated path probabilities of a tree whose nodes carry per-source own probabilities:
         a node's rate is the best of its sources' calibrated rates (a node two sources propose
-        is one node with the better estimate), a path's the product of its nodes'. [n+1]"""
+        is one node with the better estimate), a path's the product of its nodes'. sources:
+        only these entries of tree.SOURCES (a node none of them proposed gets 0). [n+1]"""
         own = tree.own.float().cpu().numpy()[1:]  # [n, S]
         rates = np.full(own.shape, -1.0)
         for s, cal in enumerate(self.calibrators()):
+            if sources is not None and s not in sources:
+                continue
             have = ~np.isnan(own[:, s])
             if have.any():
                 rates[have, s] = cal.node_rates(tree, own[:, s])[have]
@@ -424,6 +495,12 @@ class TreeSizer:
                                      device=tree.scores.device), tree.own)
             order = pop_order(tree)
             phi = expected_gain(path[order.cpu().numpy()])
+            if drafted and self._lookup_p is not None and self.method == "auto":
+                # what the drafter's nodes added this round, for DrafterWorth
+                alone = self._phi(tree, self.calibrate_sources(tree, range(1, len(SOURCES))))
+                self.worth.observe(self._lookup_p, self._objective(phi, context, tree.size)
+                                   - self._objective(alone, context, tree.size))
+        self._lookup_p = None
         if self.schedule:
             n = min(self.schedule[len(self.chosen) % len(self.schedule)], tree.size)
         elif self.method == "auto":

@@ -94,3 +94,42 @@ def test_sizer_rates_a_node_by_its_best_source_and_learns_per_source():
     assert path[1] > 0.9 and path[2] > 0.8
     chosen = sizer.choose(look, 100, drafted=False)
     assert chosen.size == 2  # cheap verification and sure nodes: both go
+
+
+def test_drafter_worth_skips_the_pass_only_where_it_measured_no_gain():
+    from quanttree.policy import DrafterWorth
+
+    worth = DrafterWorth(probe_every=4)
+    assert worth.worth(0.99, price=0.3)  # nothing measured yet: draft
+    for _ in range(5):
+        worth.observe(0.99, added=0.05)  # lookup sure: the drafter added 0.05 tokens a round
+        worth.observe(0.3, added=-1.0)  # lookup unsure: never skipped, whatever was measured
+    decisions = [worth.worth(0.99, price=0.3) for _ in range(8)]
+    assert decisions.count(True) == 2 and decisions[3] and decisions[7]  # only the probes draft
+    assert worth.worth(0.99, price=0.01)  # a cheap pass pays for its 0.05 tokens
+    assert worth.worth(0.3, price=0.3)
+    assert worth.worth(0.75, price=0.3)  # another bin: not measured yet
+
+
+def test_sizer_learns_what_the_drafter_adds_to_a_sure_lookup_draft():
+    from quanttree.costmodel import CostModel, CostProfile
+    from quanttree.policy import TreeSizer
+    from quanttree.tree import lookup_source, with_source
+
+    profile = CostProfile(key={}, sizes=[1, 2, 4, 8, 16], contexts=[1, 4096],
+                          verify_ms=[[10.0, 10.5, 11.0, 12.0, 14.0]] * 2, draft_ms=[6.0, 6.0])
+    sizer = TreeSizer("auto", CostModel(profile), cap=16)
+    sizer.recent = [50.0, 500.0]  # decoding at 0.1 tokens/ms: a 6 ms drafter pass costs 0.6 tokens
+    look = with_source(lookup_tree([Continuation((5, 6, 7, 8), 4, 3)], root=0, budget=8), lookup_source(3))
+    for _ in range(100):  # the lookup chain is always accepted
+        sizer.observe(look, torch.tensor([0, 1, 2, 3, 4]), 5, 100, 12.0, 0.1)
+    weak = build_chain(torch.log_softmax(torch.randn(4, 32), -1), root=0)  # an unsure drafter chain
+    runs = []
+    for _ in range(12):
+        runs.append(sizer.drafter_worth(look, 100))
+        if runs[-1]:
+            merged, _ = merge_trees(with_source(weak, 0), look)
+            sizer.choose(merged, 100)
+            sizer.observe(merged, torch.tensor([0]), 1, 100, 12.0, 0.1)
+    assert runs[:3] == [True] * 3 and runs.count(False) >= 7  # measured, then skipped but for probes
+    assert sizer.state()["drafter_worth"]["weight"][-1] > 0
