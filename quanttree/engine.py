@@ -25,6 +25,7 @@ from .tree import node_origins
 Prompt = str | Sequence[dict]
 DEFAULT_BUDGET = 8  # benchmarks/results/speculative_bf16.md: budget 8 beat 4 and 32 on CPU bf16
 DEFAULT_CAP = 64
+FIRST_USE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, DEFAULT_CAP + 1)  # verify tokens profiled on first use
 D2SD_UNTRIMMED = 1024
 # the calibration warm-up: decoded once after a verify-cost profile is measured, never benchmarked
 WARMUP_PROMPTS = ("Write a Python function that merges two sorted lists into one sorted list.",
@@ -195,7 +196,10 @@ class Engine:
                     print(f"first use of {self.loaded.source} ({self.quant}{', exact' if self.exact else ''}) "
                           f"on this machine: measuring its verify cost and the drafts' acceptance once "
                           f"(saved in {path.parent})", file=sys.stderr)
-                self._cost = CostModel(measure_profile(self, progress=progress))
+                # first use: the sizes a round can verify (up to the default cap), 3 timed repeats
+                # each (~12 s on this CPU); `quanttree calibrate` re-measures the full grid, 5 each
+                quick = dict(sizes=FIRST_USE_SIZES, repeats=3, warmup=1) if not remeasure else {}
+                self._cost = CostModel(measure_profile(self, progress=progress, **quick))
                 self._cost.save(path)
                 self._learned = {}
             self._sizers = {}
