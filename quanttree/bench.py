@@ -131,7 +131,7 @@ def run_ours(engine, prompt: str, method: str, budget: int, max_new: int) -> dic
     return {"tps": s.decode_tokens_per_s, "tau": s.tau if method != "ar" else 1.0, "tree": s.mean_tree_size,
             "phase_ms": s.phase_ms(), "rounds": s.rounds, "ids": res.token_ids, "peak_mb": mem.peak / 2**20,
             "chosen_sizes": s.sizes if adaptive else [], "predicted_raw": s.predicted_raw, "predicted": s.predicted,
-            "observed": s.observed}
+            "observed": s.observed, "by_source": s.by_source, "accepted_by_depth": s.accepted_by_depth}
 
 
 def run_hf(engine, prompt_ids: list[int], max_new: int, prefill_s: float, **kwargs) -> dict:
@@ -346,7 +346,8 @@ def _row(quant, suite, index, prompt, method, budget, result, ar, weights_mb, re
             "tree": result["tree"], "rounds": result["rounds"], "phase_ms": result["phase_ms"],
             "peak_mb": result["peak_mb"], "tokens": len(result["ids"]), "chosen_sizes": result.get("chosen_sizes", []),
             "predicted_raw": result.get("predicted_raw", []), "predicted": result.get("predicted", []),
-            "observed": result.get("observed", []),
+            "observed": result.get("observed", []), "by_source": result.get("by_source", {}),
+            "accepted_by_depth": result.get("accepted_by_depth", {}),
             "matches_ar": (result["ids"] == ar["ids"]) if lossless else None}
 
 
@@ -373,10 +374,39 @@ def summarize(rows: list[dict]) -> list[dict]:
                     "tau": tau, "tree": statistics.mean(r["tree"] for r in rs), "phase_ms_per_round": phases,
                     "peak_mb": max(r["peak_mb"] for r in rs), "weights_mb": max(r.get("weights_mb", 0.0) for r in rs),
                     "tau_vs_fp32": (tau / fp32_tau[(method, budget)]) if tau and (method, budget) in fp32_tau else None,
+                    "by_source": _sources(rs),
                     "mismatches": len({r["index"] for r in rs if r["matches_ar"] is False}),
                     "prompts": len({r["index"] for r in rs}),
                     "max_gap": max((r["ar_top2_gap"] for r in rs if r.get("ar_top2_gap") is not None), default=None)})
     return sorted(out, key=lambda s: (s["quant"], s["method"] != "ar", s["method"], s["budget"]))
+
+
+def _sources(rows: list[dict]) -> dict[str, dict]:
+    """Per draft origin over rows: nodes verified, accepted, and accepted per depth."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        for origin, (drafted, accepted) in r.get("by_source", {}).items():
+            cell = out.setdefault(origin, {"drafted": 0, "accepted": 0, "by_depth": []})
+            cell["drafted"] += drafted
+            cell["accepted"] += accepted
+            depth = r.get("accepted_by_depth", {}).get(origin, [])
+            cell["by_depth"] += [0] * (len(depth) - len(cell["by_depth"]))
+            for d, n in enumerate(depth):
+                cell["by_depth"][d] += n
+    return out
+
+
+def sources_report(summary: list[dict]) -> str:
+    """Which draft source proposed what was verified and what was accepted, per mode and method."""
+    lines = ["| quant | method | source | nodes verified | accepted | accepted share | accepted at depth 1 / 2 / 3 / 4 / 5-8 / 9+ |",
+             "|---|---|---|---|---|---|---|"]
+    for s in summary:
+        for origin, c in sorted(s.get("by_source", {}).items()):
+            d = c["by_depth"] + [0] * 9
+            bands = [d[0], d[1], d[2], d[3], sum(d[4:8]), sum(d[8:])]
+            lines.append(f"| {s['quant']} | {s['method']} | {origin} | {c['drafted']} | {c['accepted']} | "
+                         f"{c['accepted'] / max(c['drafted'], 1):.2f} | {' / '.join(map(str, bands))} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def policy_report(rows: list[dict], summary: list[dict]) -> str:
@@ -457,8 +487,10 @@ def write_outputs(cfg: BenchConfig, rows: list[dict], notes: list[str]) -> None:
               f"Command: `{command_line(cfg)}`\n\n"
               f"Machine: {machine()}; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
               f"{json.dumps(library_versions())}\n\n")
+    sources = sources_report(summary)
     (cfg.out / "summary.md").write_text(header + markdown(summary, notes) + "\n## Tree-size policies\n\n"
-                                        + policy_report(rows, summary))
+                                        + policy_report(rows, summary)
+                                        + ("\n## Draft sources\n\n" + sources if sources else ""))
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_all(summary, cfg.out)
 

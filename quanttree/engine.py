@@ -51,6 +51,8 @@ class Stats:
     times: PhaseTimes = field(default_factory=PhaseTimes)
     # per draft origin ('drafter', 'lookup', 'both': proposed by the two): [nodes verified, accepted]
     by_source: dict[str, list[int]] = field(default_factory=dict)
+    # per draft origin: accepted nodes at depth 1, 2, ... (how deep each source's drafts go)
+    accepted_by_depth: dict[str, list[int]] = field(default_factory=dict)
     # per round: drafted nodes verified (0: a plain round); and for rounds a sizer chose, its
     # expected accepted tokens (raw, calibrated) beside the tokens accepted
     sizes: list[int] = field(default_factory=list)
@@ -97,10 +99,15 @@ class Stats:
         if step.tree is not None and step.tree.size:
             origins = node_origins(step.tree)
             accepted = set(step.path.tolist()[1:]) if step.path is not None else set()
+            depths = step.tree.depths.tolist()
             for i, origin in enumerate(origins, start=1):
                 cell = self.by_source.setdefault(origin, [0, 0])
                 cell[0] += 1
                 cell[1] += i in accepted
+                if i in accepted:
+                    per_depth = self.accepted_by_depth.setdefault(origin, [])
+                    per_depth.extend([0] * (depths[i] - len(per_depth)))
+                    per_depth[depths[i] - 1] += 1
         while len(self.accepted_at_depth) < step.accept_len:
             self.accepted_at_depth.append(0)
         for d in range(step.accept_len):

@@ -36,7 +36,7 @@ def test_bench_resumes_and_refuses_a_different_configuration(tmp_path):
 
 
 def test_summary_counts_prompts_not_repeats_and_gives_an_interval():
-    from quanttree.bench import policy_report, summarize
+    from quanttree.bench import policy_report, sources_report, summarize
 
     def row(index, rep, method, budget, speedup, matches=True):
         return {"quant": "nf4", "suite": "humaneval", "index": index, "rep": rep, "method": method, "budget": budget,
@@ -47,9 +47,15 @@ def test_summary_counts_prompts_not_repeats_and_gives_an_interval():
     rows = [row(i, r, "ar", 0, 1.0) for i in range(2) for r in range(2)]
     rows += [row(i, r, "ddtree", 4, s) for i in range(2) for r, s in enumerate((0.9, 0.94))]
     rows += [row(i, r, "auto", 64, s, matches=i == 0) for i in range(2) for r, s in enumerate((1.0, 1.04))]
+    for r in rows[-4:]:
+        r["by_source"] = {"lookup": [6, 3], "drafter": [4, 1]}
+        r["accepted_by_depth"] = {"lookup": [1, 1, 0, 0, 0, 0, 0, 0, 0, 1], "drafter": [1]}
     summary = {s["method"]: s for s in summarize(rows)}
     auto = summary["auto"]
     assert auto["prompts"] == 2 and auto["mismatches"] == 1
     assert auto["speedup"] == 1.02 and 0.0 < auto["speedup_ci"] < 0.05
     report = policy_report(rows, list(summary.values()))
     assert "| nf4 | 4 | 0.920x | auto | 1.020x ±" in report and "| 1.109x |" in report
+    sources = sources_report(list(summary.values()))  # summed over the 4 auto rows
+    assert "| nf4 | auto | lookup | 24 | 12 | 0.50 | 4 / 4 / 0 / 0 / 0 / 4 |" in sources
+    assert "| nf4 | auto | drafter | 16 | 4 | 0.25 | 4 / 0 / 0 / 0 / 0 / 0 |" in sources

@@ -42,6 +42,9 @@ def test_auto_merges_drafter_and_lookup():
     assert sources.get("drafter", [0, 0])[0] > 0 and sources.get("lookup", [0, 0])[0] + sources.get("both", [0, 0])[0] > 0
     accepted_copy = sources.get("lookup", [0, 0])[1] + sources.get("both", [0, 0])[1]
     assert accepted_copy >= 10, sources
+    by_depth = out.stats.accepted_by_depth  # per source, accepted nodes per depth: they add up
+    assert {k: sum(v) for k, v in by_depth.items()} == {k: a for k, (_, a) in sources.items() if a}
+    assert sum(map(sum, by_depth.values())) == out.stats.accepted
     assert "accepted/drafted" in out.stats.summary()
     phases = out.stats.phase_ms()
     assert phases["lookup"] > 0 and phases["draft"] > 0 and phases["build"] > 0
