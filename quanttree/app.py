@@ -16,7 +16,7 @@ from typing import Iterator
 import quanttree
 from quanttree import QuanttreeError
 from quanttree.decode import DRAFT_METHODS, METHODS
-from quanttree.engine import exact_unavailable
+from quanttree.engine import default_budget, exact_unavailable
 from quanttree.models import DEFAULT_TARGET, QUANT_MODES
 
 MAX_NEW_TOKENS_CAP = 512
@@ -226,8 +226,8 @@ def build_app(cache: EngineCache, concurrency: int = 1):
         with gr.Row():
             max_new = gr.Slider(1, MAX_NEW_TOKENS_CAP, value=128, step=1, label="max new tokens")
             temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="temperature (0 = greedy)")
-            method = gr.Dropdown(SPEC_METHODS, value="ddtree", label="speculative method")
-            budget = gr.Slider(1, 128, value=8, step=1, label="tree budget / cap")
+            method = gr.Dropdown(SPEC_METHODS, value="auto", label="speculative method")
+            budget = gr.Slider(1, 128, value=default_budget("auto"), step=1, label="tree budget / cap")
             quant = gr.Dropdown([q for q in QUANT_MODES], value="auto", label="target quant")
             drafter_quant = gr.Dropdown(["same"] + [q for q in QUANT_MODES if q != "auto"], value="same",
                                         label="drafter quant")
@@ -250,6 +250,8 @@ def build_app(cache: EngineCache, concurrency: int = 1):
         event = run.click(handler, [prompt, max_new, temperature, method, budget, quant, drafter_quant, exact], outputs,
                           concurrency_limit=concurrency, api_name="compare")
         stop.click(lambda: "stopped", None, status, cancels=[event])
+        # a fixed method's budget is its tree size, an adaptive one's the cap it sizes under
+        method.change(lambda m: gr.update(value=default_budget(m)), method, budget)
     demo.queue(default_concurrency_limit=concurrency, max_size=16)
     return demo
 

@@ -401,15 +401,20 @@ def _eos_ids(model, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
+def default_budget(method: str) -> int:
+    """ddtree and lookup: the best fixed budget measured on CPU bf16; adaptive methods: their cap;
+    d2sd: the whole merged tree (at most (branches + 1) x (block - 1) nodes)."""
+    return {"d2sd": D2SD_UNTRIMMED}.get(method, DEFAULT_CAP if method in ADAPTIVE_METHODS else DEFAULT_BUDGET)
+
+
 def request_config(method: str | None, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                    top_k: int = 0, seed: int | None = None, budget: int | None = None, branches: int = 4,
                    has_drafter: bool | None = True) -> DecodeConfig:
     """A generation request checked without any model (the CLI checks it before loading one);
     has_drafter None: not known yet. One QuanttreeError sentence per bad value."""
     method = method or "auto"
-    if budget is None:  # ddtree: the best fixed budget measured on CPU bf16; adaptive methods: their cap;
-        # d2sd: the whole merged tree (at most (branches + 1) x (block - 1) nodes)
-        budget = {"d2sd": D2SD_UNTRIMMED}.get(method, DEFAULT_CAP if method in ADAPTIVE_METHODS else DEFAULT_BUDGET)
+    if budget is None:
+        budget = default_budget(method)
     if method not in METHODS:
         raise QuanttreeError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     if method in DRAFT_METHODS and has_drafter is False:

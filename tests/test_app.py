@@ -93,3 +93,14 @@ def test_page_renders_in_chromium(served, tmp_path):
     if os.environ.get("QUANTTREE_SAVE_SCREENSHOT"):
         docs.mkdir(exist_ok=True)
         shutil.copy(shot, docs / "app.png")
+
+
+def test_app_defaults_to_the_engines_default_method_and_its_budget(app_module, tiny_dirs):
+    from quanttree.engine import DEFAULT_BUDGET, DEFAULT_CAP, default_budget
+
+    assert default_budget("auto") == DEFAULT_CAP and default_budget("ddtree") == DEFAULT_BUDGET
+    cache = app_module.EngineCache(str(tiny_dirs["llama"]), str(tiny_dirs["llama-drafter"]), "cpu")
+    demo = app_module.build_app(cache)
+    values = {getattr(b, "label", None): getattr(b, "value", None) for b in demo.blocks.values()}
+    assert values["speculative method"] == "auto" and values["tree budget / cap"] == DEFAULT_CAP
+    demo.close()
