@@ -52,6 +52,18 @@ def best_size(phi: np.ndarray, verify: np.ndarray, rate: float) -> int:
     return int(np.argmax(phi[:m] - rate * verify[:m]))
 
 
+def objective(phi: np.ndarray, verify: np.ndarray, rate: float) -> float:
+    """max over n of Phi(n) - rate * C_v(n + 1): what a round's best choice buys (best_size's value)."""
+    m = min(phi.size, verify.size)
+    return float(np.max(phi[:m] - rate * verify[:m]))
+
+
+def ranked_by(tree: Tree, path: np.ndarray) -> Tree:
+    """The tree with calibrated path probabilities [n+1] as its scores (so pop_order ranks by them)."""
+    scores = torch.tensor(np.log(np.maximum(path, 1e-30)), dtype=torch.float32, device=tree.scores.device)
+    return Tree(tree.tokens, tree.parents, tree.depths, scores, tree.own)
+
+
 def greedy_size(phi: np.ndarray, verify: np.ndarray, fixed_ms: float) -> int:
     """CaDDTree's rule: keep adding the next node while theta grows; stop at the first decrease.
     Exact when Phi is concave and C_v convex; can stop early on a non-convex curve."""
@@ -442,19 +454,6 @@ class TreeSizer:
         self._lookup_p = float(min(path[lookup.depths.cpu().numpy() == 1].sum(), 1.0))
         return self.worth.worth(self._lookup_p, self.rate(context) * self.cost.draft_ms(context))
 
-    def _objective(self, phi: np.ndarray, context: int, nodes: int) -> float:
-        """max over n of Phi(n) - rate * C_v(n + 1): what a round's nodes buy (auto's choice)."""
-        verify = self._curve(context, smooth=False, nodes=nodes)
-        m = min(phi.size, verify.size)
-        return float(np.max(phi[:m] - self.rate(context) * verify[:m]))
-
-    def _phi(self, tree: Tree, path: np.ndarray) -> np.ndarray:
-        """Phi(n) of a tree from calibrated path probabilities, nodes in their best-first order."""
-        ranked = Tree(tree.tokens, tree.parents, tree.depths,
-                      torch.tensor(np.log(np.maximum(path, 1e-30)), dtype=torch.float32, device=tree.scores.device),
-                      tree.own)
-        return expected_gain(path[pop_order(ranked).cpu().numpy()])
-
     def calibrate_sources(self, tree: Tree, sources: range | None = None) -> np.ndarray:
         """Calibrated path probabilities of a tree whose nodes carry per-source own probabilities:
         a node's rate is the best of its sources' calibrated rates (a node two sources propose
@@ -490,16 +489,16 @@ class TreeSizer:
             phi = expected_gain(self.calibrator.calibrate(tree)[order.cpu().numpy()])
         else:  # several sources: only the calibrated estimates are comparable across them
             path = self.calibrate_sources(tree)
-            tree = Tree(tree.tokens, tree.parents, tree.depths,
-                        torch.tensor(np.log(np.maximum(path, 1e-30)), dtype=torch.float32,
-                                     device=tree.scores.device), tree.own)
+            tree = ranked_by(tree, path)
             order = pop_order(tree)
             phi = expected_gain(path[order.cpu().numpy()])
             if drafted and self._lookup_p is not None and self.method == "auto":
-                # what the drafter's nodes added this round, for DrafterWorth
-                alone = self._phi(tree, self.calibrate_sources(tree, range(1, len(SOURCES))))
-                self.worth.observe(self._lookup_p, self._objective(phi, context, tree.size)
-                                   - self._objective(alone, context, tree.size))
+                # what the drafter's nodes added this round (auto's objective with them and
+                # without them), for DrafterWorth
+                lookup_path = self.calibrate_sources(tree, range(1, len(SOURCES)))
+                alone = expected_gain(lookup_path[pop_order(ranked_by(tree, lookup_path)).cpu().numpy()])
+                verify, rate = self._curve(context, smooth=False, nodes=tree.size), self.rate(context)
+                self.worth.observe(self._lookup_p, objective(phi, verify, rate) - objective(alone, verify, rate))
         self._lookup_p = None
         if self.schedule:
             n = min(self.schedule[len(self.chosen) % len(self.schedule)], tree.size)
