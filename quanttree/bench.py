@@ -158,8 +158,10 @@ def run_llama_cpp(llm, prompt_ids: list[int], max_new: int) -> dict:
         if len(new) >= max_new or tok == llm.token_eos():
             break
     total = time.perf_counter() - (first or t0)
+    # its weights are the GGUF file it maps; its memory is not separable from this process's (which
+    # holds the torch target too), so no peak is reported for it
     return {"tps": (len(new) - 1) / max(total, 1e-6), "tau": None, "tree": 0.0, "phase_ms": {}, "rounds": 0,
-            "ids": new, "peak_mb": 0.0}
+            "ids": new, "peak_mb": None, "weights_mb": os.path.getsize(llm.model_path) / 2**20}
 
 
 def llama_cpp_model(target: str, lookup: bool = False):
@@ -341,7 +343,7 @@ def _row(quant, suite, index, prompt, method, budget, result, ar, weights_mb, re
     lossless = method in OUR_METHODS or method in VARIANTS or method.startswith("hf_")
     return {"quant": quant, "suite": suite, "index": index, "rep": rep, "prompt": prompt[:80], "method": method,
             "budget": budget,
-            "weights_mb": weights_mb,
+            "weights_mb": result.get("weights_mb", weights_mb),
             "tps": result["tps"], "speedup": result["tps"] / ar["tps"] if ar["tps"] else None, "tau": result["tau"],
             "tree": result["tree"], "rounds": result["rounds"], "phase_ms": result["phase_ms"],
             "peak_mb": result["peak_mb"], "tokens": len(result["ids"]), "chosen_sizes": result.get("chosen_sizes", []),
@@ -353,32 +355,35 @@ def _row(quant, suite, index, prompt, method, budget, result, ar, weights_mb, re
 
 # ---------------------------------------------------------------- outputs
 
-def summarize(rows: list[dict]) -> list[dict]:
+def summarize(rows: list[dict], by_suite: bool = False) -> list[dict]:
+    """One row per (quant, method, budget), over both suites, or per suite too (by_suite)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["quant"], r["method"], r["budget"]), []).append(r)
-    fp32_tau = {(m, b): statistics.mean(x["tau"] for x in rs) for (q, m, b), rs in groups.items()
+        groups.setdefault((r["quant"], r["method"], r["budget"], r["suite"] if by_suite else None), []).append(r)
+    fp32_tau = {(m, b, su): statistics.mean(x["tau"] for x in rs) for (q, m, b, su), rs in groups.items()
                 if q == "fp32" and rs[0]["tau"] is not None}
     out = []
-    for (quant, method, budget), rs in groups.items():
+    for (quant, method, budget, suite), rs in groups.items():
         taus = [r["tau"] for r in rs if r["tau"] is not None]
         tau = statistics.mean(taus) if taus else None
         phases = {k: statistics.mean(r["phase_ms"].get(k, 0.0) / max(r["rounds"], 1) for r in rs)
                   for k in ("draft", "lookup", "build", "verify", "walk")}
         speedups = [r["speedup"] for r in rs if r["speedup"] is not None]
-        out.append({"quant": quant, "method": method, "budget": budget,
+        out.append({"quant": quant, "method": method, "budget": budget, "suite": suite,
                     "tps": statistics.mean(r["tps"] for r in rs),
                     "speedup": statistics.mean(speedups),
                     # 95% interval half-width of the mean speedup over prompts x repeats
                     "speedup_ci": 1.96 * statistics.stdev(speedups) / len(speedups) ** 0.5 if len(speedups) > 1 else None,
                     "tau": tau, "tree": statistics.mean(r["tree"] for r in rs), "phase_ms_per_round": phases,
-                    "peak_mb": max(r["peak_mb"] for r in rs), "weights_mb": max(r.get("weights_mb", 0.0) for r in rs),
-                    "tau_vs_fp32": (tau / fp32_tau[(method, budget)]) if tau and (method, budget) in fp32_tau else None,
+                    "peak_mb": max((r["peak_mb"] for r in rs if r["peak_mb"] is not None), default=None),
+                    "weights_mb": max(r.get("weights_mb", 0.0) for r in rs),
+                    "tau_vs_fp32": (tau / fp32_tau[(method, budget, suite)]) if tau and (method, budget, suite) in fp32_tau
+                    else None,
                     "by_source": _sources(rs),
                     "mismatches": len({r["index"] for r in rs if r["matches_ar"] is False}),
                     "prompts": len({r["index"] for r in rs}),
                     "max_gap": max((r["ar_top2_gap"] for r in rs if r.get("ar_top2_gap") is not None), default=None)})
-    return sorted(out, key=lambda s: (s["quant"], s["method"] != "ar", s["method"], s["budget"]))
+    return sorted(out, key=lambda s: (s["quant"], s["suite"] or "", s["method"] != "ar", s["method"], s["budget"] or 0))
 
 
 def _sources(rows: list[dict]) -> dict[str, dict]:
@@ -394,6 +399,44 @@ def _sources(rows: list[dict]) -> dict[str, dict]:
             for d, n in enumerate(depth):
                 cell["by_depth"][d] += n
     return out
+
+
+def paired_ratio(rows: list[dict], a: str, b: str) -> tuple[float, float | None, int] | None:
+    """Mean over (prompt, repeat) of method a's tok/s over method b's in the same repeat (they ran
+    back to back), its 95% interval half-width, and how many pairs; None without pairs."""
+    tps = {(r["method"], r["index"], r["rep"]): r["tps"] for r in rows}
+    ratios = [tps[(a, i, k)] / tps[(b, i, k)] for (m, i, k) in tps if m == a and tps.get((b, i, k))]
+    if not ratios:
+        return None
+    ci = 1.96 * statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else None
+    return statistics.mean(ratios), ci, len(ratios)
+
+
+def headline_report(rows: list[dict], ours: str = "auto") -> str:
+    """Per quant mode and suite: plain decoding's tok/s, our default's speedup over it, the fastest
+    peer and our default against it, each a mean of per-(prompt, repeat) ratios of runs made back
+    to back, and whether greedy outputs equal plain decoding's."""
+    lines = ["| quant | suite | plain tok/s | `lookup` vs plain | `auto` vs plain | `auto` tau | fastest peer (vs plain) "
+             "| `auto` vs fastest peer | greedy == plain (`auto` / peer) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda r: "-" if r is None else f"{r[0]:.2f}x" + (f" ±{r[1]:.2f}" if r[1] else "")  # noqa: E731
+    for quant in sorted({r["quant"] for r in rows}):
+        for suite in sorted({r["suite"] for r in rows if r["quant"] == quant}):
+            here = [r for r in rows if r["quant"] == quant and r["suite"] == suite]
+            if not any(r["method"] == ours for r in here):
+                continue
+            peers = {m: paired_ratio(here, m, "ar") for m in PEERS if any(r["method"] == m for r in here)}
+            peer = max(peers, key=lambda m: peers[m][0]) if peers else None
+            same = lambda m: (f"{sum(r['matches_ar'] is True for r in here if r['method'] == m)}"  # noqa: E731
+                              f"/{sum(r['method'] == m for r in here)}"
+                              if any(r["method"] == m and r["matches_ar"] is not None for r in here) else "n/a")
+            tau = statistics.mean(r["tau"] for r in here if r["method"] == ours)
+            plain = statistics.mean(r["tps"] for r in here if r["method"] == "ar")
+            lines.append(f"| {quant} | {suite} | {plain:.1f} | {fmt(paired_ratio(here, 'lookup', 'ar'))} | "
+                         f"**{fmt(paired_ratio(here, ours, 'ar'))}** | {tau:.2f} | "
+                         f"{peer or '-'} ({fmt(peers.get(peer))}) | **{fmt(paired_ratio(here, ours, peer) if peer else None)}** | "
+                         f"{same(ours)} / {same(peer) if peer else '-'} |")
+    return "\n".join(lines) + "\n"
 
 
 def sources_report(summary: list[dict]) -> str:
@@ -447,7 +490,7 @@ def markdown(summary: list[dict], notes: list[str]) -> str:
         gap = "" if s.get("max_gap") is None else f" ({s['max_gap']:.3f})"
         lines.append(f"| {s['quant']} | {s['method']} | {s['budget'] or '-'} | {s['tps']:.1f} | {s['speedup']:.2f}x{_ci(s)} | "
                      f"{fmt(s['tau'], '.2f')} | {fmt(s['tau_vs_fp32'], '.2f')} | {s['tree']:.1f} | "
-                     f"{ph['draft']:.1f} + {ph['lookup']:.2f} / {ph['verify']:.1f} / {ph['build'] + ph['walk']:.1f} | {s['weights_mb']:.0f} | {s['peak_mb']:.0f} | "
+                     f"{ph['draft']:.1f} + {ph['lookup']:.2f} / {ph['verify']:.1f} / {ph['build'] + ph['walk']:.1f} | {s['weights_mb']:.0f} | {fmt(s['peak_mb'], '.0f')} | "
                      f"{'**' + str(s['mismatches']) + '**' if s['mismatches'] else 0}/{s['prompts']}{gap} |")
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
@@ -488,11 +531,13 @@ def write_outputs(cfg: BenchConfig, rows: list[dict], notes: list[str]) -> None:
               f"Machine: {machine()}; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
               f"{json.dumps(library_versions())}\n\n")
     sources = sources_report(summary)
-    (cfg.out / "summary.md").write_text(header + markdown(summary, notes) + "\n## Tree-size policies\n\n"
+    (cfg.out / "summary.md").write_text(header + "## Per mode and suite\n\n" + headline_report(rows)
+                                        + "\n## Every method\n\n" + markdown(summary, notes) + "\n## Tree-size policies\n\n"
                                         + policy_report(rows, summary)
                                         + ("\n## Draft sources\n\n" + sources if sources else ""))
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_all(summary, cfg.out)
+    plot_tradeoff(summarize(rows, by_suite=True), cfg.out / "tradeoff.png")
 
 
 def plot_all(summary: list[dict], out: Path) -> None:
@@ -531,24 +576,44 @@ def plot_all(summary: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "tau_vs_budget.png", dpi=120)
 
-    fig = Figure(figsize=(7.5, 4.5))
-    ax = fig.subplots()
-    for q in quants:  # per mode: plain decoding, our best method, the best peer
-        mode = [s for s in summary if s["quant"] == q]
-        ar = next(s for s in mode if s["method"] == "ar")
-        ours = max((s for s in mode if s["method"] in OUR_METHODS or s["method"] in VARIANTS), key=lambda s: s["tps"])
-        peers = [s for s in mode if s["method"] in PEERS]
-        x = ar["weights_mb"] or ar["peak_mb"]
-        line = ax.plot([x, x], [ar["tps"], ours["tps"]], "-", lw=6, alpha=0.25)[0]
-        ax.scatter([x], [ar["tps"]], marker="o", color=line.get_color(), label=f"{q}: our AR")
-        ax.scatter([x], [ours["tps"]], marker="*", s=140, color=line.get_color(),
-                   label=f"{q}: best of ours ({ours['method']}{' ' + str(ours['budget']) if ours['budget'] else ''})")
-        if peers:
-            peer = max(peers, key=lambda s: s["tps"])
-            ax.scatter([x], [peer["tps"]], marker="^", color=line.get_color(), label=f"{q}: best peer ({peer['method']})")
-    ax.set_xlabel("target weights in memory (MB)")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_title("Speed vs memory per quant mode")
-    ax.legend(fontsize=7)
+
+
+def plot_tradeoff(summary: list[dict], path: Path) -> None:
+    """Decode tokens/s against the weights in memory, one panel per suite: per quant mode our plain
+    decoding, our default (auto) and transformers' best; llama.cpp at its GGUF file's size."""
+    from matplotlib.figure import Figure
+
+    suites = sorted({s["suite"] for s in summary if s.get("suite")})
+    if not suites:
+        return
+    fig = Figure(figsize=(5.2 * len(suites), 4.6))
+    axes = fig.subplots(1, len(suites), squeeze=False)[0]
+    marks = {"ar": ("o", "plain decoding"), "auto": ("*", "auto (default)"), "lookup": ("s", "lookup")}
+    for ax, suite in zip(axes, suites):
+        here = [s for s in summary if s.get("suite") == suite]
+        for i, q in enumerate(sorted({s["quant"] for s in here})):
+            mode = {s["method"]: s for s in here if s["quant"] == q and not s["method"].startswith("llama")}
+            color = f"C{i}"
+            x = mode["ar"]["weights_mb"] if "ar" in mode else None
+            if x is None:
+                continue
+            for method, (marker, label) in marks.items():
+                if method in mode:
+                    ax.scatter([x], [mode[method]["tps"]], marker=marker, s=120 if marker == "*" else 40, color=color,
+                               label=f"{q}: {label}")
+            hf = [s for m, s in mode.items() if m.startswith("hf_")]
+            if hf:
+                best = max(hf, key=lambda s: s["tps"])
+                ax.scatter([x], [best["tps"]], marker="^", color=color, label=f"{q}: {best['method']}")
+        for method, marker in (("llama_cpp", "D"), ("llama_cpp_lookup", "d")):
+            rs = [s for s in here if s["method"] == method]
+            if rs:
+                ax.scatter([rs[0]["weights_mb"]], [statistics.mean(s["tps"] for s in rs)], marker=marker, s=60,
+                           color="black", label=f"{method} (GGUF)")
+        ax.set_xlabel("weights in memory (MB)")
+        ax.set_ylabel("decode tokens/s")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{suite}: speed vs memory")
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(out / "tradeoff.png", dpi=120)
+    fig.savefig(path, dpi=120)

@@ -59,3 +59,27 @@ def test_summary_counts_prompts_not_repeats_and_gives_an_interval():
     sources = sources_report(list(summary.values()))  # summed over the 4 auto rows
     assert "| nf4 | auto | lookup | 24 | 12 | 0.50 | 4 / 4 / 0 / 0 / 0 / 4 |" in sources
     assert "| nf4 | auto | drafter | 16 | 4 | 0.25 | 4 / 0 / 0 / 0 / 0 / 0 |" in sources
+
+
+def test_headline_pairs_each_run_with_the_plain_run_of_its_own_repeat():
+    from quanttree.bench import headline_report, paired_ratio, summarize
+
+    def row(suite, index, rep, method, tps, matches=True, weights=100.0, peak=1.0):
+        return {"quant": "nf4", "suite": suite, "index": index, "rep": rep, "method": method, "budget": None,
+                "tps": tps, "speedup": tps / (50.0 if rep == 0 else 25.0), "tau": 2.0 if method == "auto" else None, "tree": 0.0, "rounds": 1,
+                "phase_ms": {}, "peak_mb": peak, "weights_mb": weights, "matches_ar": matches}
+
+    # the machine halves its speed between repeats: paired ratios stay 2.0 and 0.5, means of tok/s would not
+    rows = []
+    for rep, speed in ((0, 1.0), (1, 0.5)):
+        rows += [row("chat", 0, rep, "ar", 50 * speed), row("chat", 0, rep, "auto", 100 * speed, matches=rep == 0),
+                 row("chat", 0, rep, "hf_prompt_lookup", 80 * speed, matches=False),
+                 row("chat", 0, rep, "llama_cpp", 200 * speed, matches=None, weights=30.0, peak=None)]
+    assert paired_ratio(rows, "auto", "ar") == (2.0, 0.0, 2)
+    assert paired_ratio(rows, "auto", "llama_cpp")[0] == 0.5
+    assert paired_ratio(rows, "lookup", "ar") is None
+    report = headline_report(rows)
+    assert "| nf4 | chat | 37.5 | - | **2.00x** | 2.00 | llama_cpp (4.00x) | **0.50x** | 1/2 / n/a |" in report
+    summary = {s["method"]: s for s in summarize(rows, by_suite=True)}
+    assert summary["llama_cpp"]["peak_mb"] is None and summary["llama_cpp"]["weights_mb"] == 30.0
+    assert summary["auto"]["suite"] == "chat"
