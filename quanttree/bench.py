@@ -439,6 +439,20 @@ def headline_report(rows: list[dict], ours: str = "auto") -> str:
     return "\n".join(lines) + "\n"
 
 
+def versus_report(rows: list[dict], peer: str = "hf_prompt_lookup") -> str:
+    """Per quant mode and suite: our lookup and our default against one peer, paired per run."""
+    lines = [f"| quant | suite | `lookup` vs {peer} | `auto` vs {peer} | {peer} vs plain |", "|---|---|---|---|---|"]
+    fmt = lambda r: "-" if r is None else f"{r[0]:.2f}x" + (f" ±{r[1]:.2f}" if r[1] else "")  # noqa: E731
+    for quant in sorted({r["quant"] for r in rows}):
+        for suite in sorted({r["suite"] for r in rows if r["quant"] == quant}):
+            here = [r for r in rows if r["quant"] == quant and r["suite"] == suite]
+            if not any(r["method"] == peer for r in here):
+                continue
+            lines.append(f"| {quant} | {suite} | {fmt(paired_ratio(here, 'lookup', peer))} | "
+                         f"{fmt(paired_ratio(here, 'auto', peer))} | {fmt(paired_ratio(here, peer, 'ar'))} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def sources_report(summary: list[dict]) -> str:
     """Which draft source proposed what was verified and what was accepted, per mode and method."""
     lines = ["| quant | method | source | nodes verified | accepted | accepted share | accepted at depth 1 / 2 / 3 / 4 / 5-8 / 9+ |",
@@ -531,7 +545,10 @@ def write_outputs(cfg: BenchConfig, rows: list[dict], notes: list[str]) -> None:
               f"Machine: {machine()}; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
               f"{json.dumps(library_versions())}\n\n")
     sources = sources_report(summary)
+    versus = versus_report(rows)
+    (cfg.out / "notes.json").write_text(json.dumps(notes, indent=1))  # for re-rendering from rows.jsonl
     (cfg.out / "summary.md").write_text(header + "## Per mode and suite\n\n" + headline_report(rows)
+                                        + ("\n## Against transformers' prompt lookup\n\n" + versus if versus else "")
                                         + "\n## Every method\n\n" + markdown(summary, notes) + "\n## Tree-size policies\n\n"
                                         + policy_report(rows, summary)
                                         + ("\n## Draft sources\n\n" + sources if sources else ""))

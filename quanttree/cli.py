@@ -82,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quant", default="auto", choices=QUANT_MODES, help="target mode for data and features")
     train.add_argument("--out", required=True, help="directory for the exported drafter")
     train.add_argument("--work", default=None, help="data, checkpoints and logs (default: under the cache dir)")
-    train.add_argument("--stage", default="all", choices=("data", "features", "train", "all"),
-                       help="data: target responses; features: cache target features + soft labels; train")
+    train.add_argument("--stage", default="all", choices=("prompts", "data", "features", "train", "all"),
+                       help="prompts: the target writes user requests itself (added to the data stage's pool); "
+                            "data: target responses; features: cache target features + soft labels; train")
+    train.add_argument("--prompt-goal", type=int, default=3000, help="prompts: self-written prompts to keep")
     train.add_argument("--tokens", type=int, default=2_000_000, help="response tokens to generate")
     train.add_argument("--batch-size", type=int, default=64, help="generation batch size")
     train.add_argument("--max-new-tokens", type=int, default=256, help="response length cap for data")
@@ -212,17 +214,24 @@ def prompt_range(text: str) -> tuple[int, int]:
 
 
 def cmd_train_drafter(args) -> int:
-
     from .engine import load
     from .train.datagen import GenConfig
-    from .train.pipeline import TrainPaths, default_work_dir, run_data_stage
+    from .train.pipeline import TrainPaths, default_work_dir, run_data_stage, run_prompts_stage
+    from .train.self_prompts import SelfPromptConfig
 
+    # values checked before the model loads
+    prompts_cfg = SelfPromptConfig(goal=args.prompt_goal, batch_size=args.batch_size)
+    gen = GenConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, round=args.round,
+                    temperature=args.temperature, top_p=args.top_p, prompts=args.prompt_range)
     engine = load(target=args.target, drafter=None, quant=args.quant, device=args.device,
                   log=lambda msg: print(msg, file=sys.stderr))
     paths = TrainPaths(Path(args.work) if args.work else default_work_dir(args.target, engine.quant))
+    if args.stage == "prompts":
+        prompts = run_prompts_stage(engine, paths, prompts_cfg)
+        print(f"{len(prompts)} self-written prompts in {paths.self_prompts}; the data stage adds them to its pool "
+              "and prints their indices (for --prompt-range)", file=sys.stderr)
+        return 0
     if args.stage in ("data", "all"):
-        gen = GenConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, round=args.round,
-                        temperature=args.temperature, top_p=args.top_p, prompts=args.prompt_range)
         run_data_stage(engine, paths, args.tokens, gen)
     if args.stage in ("features", "train", "all"):
         from .drafter import resolve_drafter_dir

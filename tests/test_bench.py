@@ -62,7 +62,7 @@ def test_summary_counts_prompts_not_repeats_and_gives_an_interval():
 
 
 def test_headline_pairs_each_run_with_the_plain_run_of_its_own_repeat():
-    from quanttree.bench import headline_report, paired_ratio, summarize
+    from quanttree.bench import headline_report, paired_ratio, summarize, versus_report
 
     def row(suite, index, rep, method, tps, matches=True, weights=100.0, peak=1.0):
         return {"quant": "nf4", "suite": suite, "index": index, "rep": rep, "method": method, "budget": None,
@@ -80,6 +80,7 @@ def test_headline_pairs_each_run_with_the_plain_run_of_its_own_repeat():
     assert paired_ratio(rows, "lookup", "ar") is None
     report = headline_report(rows)
     assert "| nf4 | chat | 37.5 | - | **2.00x** | 2.00 | llama_cpp (4.00x) | **0.50x** | 1/2 / n/a |" in report
+    assert "| nf4 | chat | - | 1.25x | 1.60x |" in versus_report(rows)
     summary = {s["method"]: s for s in summarize(rows, by_suite=True)}
     assert summary["llama_cpp"]["peak_mb"] is None and summary["llama_cpp"]["weights_mb"] == 30.0
     assert summary["auto"]["suite"] == "chat"

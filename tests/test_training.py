@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import quanttree
 from quanttree.train.datagen import GenConfig, load_shards
 from quanttree.train.pipeline import TrainPaths, run_data_stage, run_features_stage, run_train_stage
 from quanttree.train.prompts import build_pool
+from quanttree.train.self_prompts import word_grams  # the filter self-written prompts pass too
 from quanttree.train.trainer import TrainConfig, Trainer, block_context_mask, block_inputs
 
 from helpers import make_tiny_target
@@ -51,9 +51,6 @@ def test_pool_has_no_benchmark_prompts():
         assert not word_grams(prompt) & pool_grams, prompt  # no 8 words in a row shared either
 
 
-def word_grams(text: str, n: int = 8) -> set[tuple[str, ...]]:
-    words = re.findall(r"[a-z0-9']+", text.lower())
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
 def test_pool_keeps_the_first_data_sets_indices_and_adds_chat():
@@ -227,3 +224,45 @@ def test_sampled_rounds_add_responses_and_the_cache_grows_whatever_the_shard_ord
     unpack_dataset(packed, fresh, chunk=16)
     assert sorted(p.name for p in fresh.glob("*.npz")) == sorted(p.name for p in paths.data.glob("*.npz"))
     assert [shard_round(p) for p in sorted(fresh.glob("*.npz"))] == [0, 0, 1, 1, 1]
+
+
+def test_the_target_writes_its_own_prompts_resumably_and_the_pool_appends_them(embedded_engine, tmp_path):
+    from quanttree.train.prompts import with_self_written
+    from quanttree.train.self_prompts import (SelfPromptConfig, benchmark_text, collect, generate_self_prompts,
+                                              keep, pack_prompts, unpack_prompts, user_turn)
+
+    tok, eos = embedded_engine.tokenizer, embedded_engine.eos_token_ids
+    prefix, closing = user_turn(tok)
+    assert tok.decode(prefix).endswith("<|im_start|>user\n") and tok.convert_ids_to_tokens(sorted(closing)) == ["<|im_end|>"]
+    cfg = SelfPromptConfig(goal=4, chunk=16, batch_size=16, max_tokens=64, seed=3)
+    quiet = lambda *_: None  # noqa: E731
+    first = generate_self_prompts(embedded_engine.target, tok, eos, tmp_path / "a", cfg, quiet)
+    banned = benchmark_text()
+    assert len(first) == 4 and all(keep(p, banned) == p and "<|" not in p for p in first), first
+    chunks = sorted((tmp_path / "a").glob("prompts-*.json"))
+    # same seed, same prompts (a killed run regenerates a chunk identically); a met goal generates nothing
+    assert generate_self_prompts(embedded_engine.target, tok, eos, tmp_path / "b", cfg, quiet) == first
+    assert generate_self_prompts(embedded_engine.target, tok, eos, tmp_path / "a", cfg, quiet) == first
+    assert sorted((tmp_path / "a").glob("prompts-*.json")) == chunks
+    # packed and unpacked on a fresh machine: the same prompts in the same order
+    unpack_prompts(pack_prompts(tmp_path / "a", tmp_path / "packed.json"), tmp_path / "fresh")
+    assert collect(tmp_path / "fresh") == collect(tmp_path / "a")
+    # benchmark text and template markup are filtered out
+    chat_prompt = json.loads((Path(quanttree.__file__).parent / "data" / "chat_prompts.jsonl").read_text()
+                             .splitlines()[0])["prompt"]
+    assert keep(chat_prompt, banned) is None and keep("<|im_start|>assistant hello there friend", banned) is None
+    assert keep("  Write a short poem about the sea in spring. ", banned) == "Write a short poem about the sea in spring."
+    # appended after the built-in pool: its indices never move, repeats are not added twice
+    pool = build_pool()
+    grown = with_self_written(pool, [pool[5], *first])
+    assert grown[:len(pool)] == pool and grown[len(pool):] == first
+
+
+def test_a_model_that_writes_no_requests_is_refused_in_words(tiny_chat_engine, tmp_path):
+    from quanttree.errors import QuanttreeError
+    from quanttree.train.pipeline import run_prompts_stage
+    from quanttree.train.self_prompts import SelfPromptConfig
+
+    with pytest.raises(QuanttreeError, match="does not continue a user turn with requests"):
+        run_prompts_stage(tiny_chat_engine, TrainPaths(tmp_path / "w"),
+                          SelfPromptConfig(goal=50, chunk=4, batch_size=4, max_tokens=8))

@@ -23,6 +23,10 @@ class TrainPaths:
         return self.work / "checkpoints"
 
     @property
+    def self_prompts(self) -> Path:
+        return self.work / "self_prompts"
+
+    @property
     def log(self) -> Path:
         return self.work / "train.log"
 
@@ -51,13 +55,38 @@ def packed_data_file(target: str, quant: str) -> Path:
     return REPO_DATA / f"{target}-{quant}.npz"
 
 
+def packed_prompts_file(target: str, quant: str) -> Path:
+    return REPO_DATA / f"{target}-{quant}-prompts.json"
+
+
+def self_written_prompts(engine, paths: TrainPaths) -> list[str]:
+    """The target's self-written prompts so far (a committed pack is unpacked first); [] if none."""
+    from .self_prompts import collect, unpack_prompts
+
+    packed = packed_prompts_file(engine.loaded.source, engine.quant)
+    if packed.exists() and not any(paths.self_prompts.glob("prompts-*.json")):
+        logger(paths)(f"prompts: unpacking {unpack_prompts(packed, paths.self_prompts)} chunks from {packed}")
+    return collect(paths.self_prompts) if paths.self_prompts.exists() else []
+
+
+def run_prompts_stage(engine, paths: TrainPaths, cfg=None) -> list[str]:
+    """The target writes user requests itself (self_prompts.py) until cfg.goal are kept; resumable."""
+    from .self_prompts import SelfPromptConfig, generate_self_prompts
+
+    self_written_prompts(engine, paths)  # continue after a committed pack's chunks
+    if engine.tokenizer is None:
+        raise QuanttreeError("self-written prompts need the target's tokenizer")
+    return generate_self_prompts(engine.target, engine.tokenizer, engine.eos_token_ids, paths.self_prompts,
+                                 cfg or SelfPromptConfig(), logger(paths))
+
+
 def run_data_stage(engine, paths: TrainPaths, token_goal: int, gen_cfg=None, seed: int = 0) -> int:
     """Generate target responses for the prompt pool until token_goal response tokens exist.
 
     A packed copy committed under data/ for this target and quant mode is unpacked first, so a
     fresh machine continues from it instead of regenerating."""
     from .datagen import GenConfig, generate_dataset, unpack_dataset
-    from .prompts import build_pool
+    from .prompts import build_pool, with_self_written
 
     packed = packed_data_file(engine.loaded.source, engine.quant)
     if packed.exists() and not any(paths.data.glob("shard-*.npz")):
@@ -65,8 +94,12 @@ def run_data_stage(engine, paths: TrainPaths, token_goal: int, gen_cfg=None, see
 
     if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
         raise QuanttreeError("train-drafter needs a chat model with a chat template to regenerate responses")
-    pool = build_pool(seed)
+    built_in = build_pool(seed)
+    pool = with_self_written(built_in, self_written_prompts(engine, paths))
     log = logger(paths)
+    if len(pool) > len(built_in):
+        log(f"data: pool indices {len(built_in)}:{len(pool)} hold the target's self-written prompts "
+            "(--prompt-range START:END to generate for them alone)")
     meta = paths.work / "data.json"
     if not meta.exists():
         meta.write_text(json.dumps({"target": engine.loaded.source, "quant": engine.quant, "pool": len(pool),

@@ -162,5 +162,12 @@ def build_pool(seed: int = 0) -> list[str]:
     return prompts[:FIRST_DATA_PROMPTS] + chat_pool(seed) + prompts[FIRST_DATA_PROMPTS:]
 
 
+def with_self_written(pool: list[str], extra: list[str]) -> list[str]:
+    """The pool, then the target's self-written prompts (self_prompts.py) that it does not hold
+    yet: after it, so the indices of the built-in prompts never move."""
+    known = set(pool)
+    return pool + [p for p in extra if p not in known]
+
+
 def prompt_id(prompt: str) -> str:
     return hashlib.sha1(prompt.encode()).hexdigest()[:16]
