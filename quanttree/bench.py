@@ -381,6 +381,7 @@ def summarize(rows: list[dict], by_suite: bool = False) -> list[dict]:
                     else None,
                     "by_source": _sources(rs),
                     "mismatches": len({r["index"] for r in rs if r["matches_ar"] is False}),
+                    "compared": any(r["matches_ar"] is not None for r in rs),  # llama.cpp: other weights, not compared
                     "prompts": len({r["index"] for r in rs}),
                     "max_gap": max((r["ar_top2_gap"] for r in rs if r.get("ar_top2_gap") is not None), default=None)})
     return sorted(out, key=lambda s: (s["quant"], s["suite"] or "", s["method"] != "ar", s["method"], s["budget"] or 0))
@@ -505,7 +506,8 @@ def markdown(summary: list[dict], notes: list[str]) -> str:
         lines.append(f"| {s['quant']} | {s['method']} | {s['budget'] or '-'} | {s['tps']:.1f} | {s['speedup']:.2f}x{_ci(s)} | "
                      f"{fmt(s['tau'], '.2f')} | {fmt(s['tau_vs_fp32'], '.2f')} | {s['tree']:.1f} | "
                      f"{ph['draft']:.1f} + {ph['lookup']:.2f} / {ph['verify']:.1f} / {ph['build'] + ph['walk']:.1f} | {s['weights_mb']:.0f} | {fmt(s['peak_mb'], '.0f')} | "
-                     f"{'**' + str(s['mismatches']) + '**' if s['mismatches'] else 0}/{s['prompts']}{gap} |")
+                     + (f"{'**' + str(s['mismatches']) + '**' if s['mismatches'] else 0}/{s['prompts']}{gap} |"
+                        if s.get("compared", True) else "n/a (other weights) |"))
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 
