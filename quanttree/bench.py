@@ -413,6 +413,19 @@ def paired_ratio(rows: list[dict], a: str, b: str) -> tuple[float, float | None,
     return statistics.mean(ratios), ci, len(ratios)
 
 
+def _ratio_cell(r: tuple[float, float | None, int] | None) -> str:
+    return "-" if r is None else f"{r[0]:.2f}x" + (f" ±{r[1]:.2f}" if r[1] else "")
+
+
+def _by_mode_and_suite(rows: list[dict], needs: str):
+    """(quant, suite, its rows) for every mode and suite where method `needs` ran."""
+    for quant in sorted({r["quant"] for r in rows}):
+        for suite in sorted({r["suite"] for r in rows if r["quant"] == quant}):
+            here = [r for r in rows if r["quant"] == quant and r["suite"] == suite]
+            if any(r["method"] == needs for r in here):
+                yield quant, suite, here
+
+
 def headline_report(rows: list[dict], ours: str = "auto") -> str:
     """Per quant mode and suite: plain decoding's tok/s, our default's speedup over it, the fastest
     peer and our default against it, each a mean of per-(prompt, repeat) ratios of runs made back
@@ -420,37 +433,28 @@ def headline_report(rows: list[dict], ours: str = "auto") -> str:
     lines = ["| quant | suite | plain tok/s | `lookup` vs plain | `auto` vs plain | `auto` tau | fastest peer (vs plain) "
              "| `auto` vs fastest peer | greedy == plain (`auto` / peer) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    fmt = lambda r: "-" if r is None else f"{r[0]:.2f}x" + (f" ±{r[1]:.2f}" if r[1] else "")  # noqa: E731
-    for quant in sorted({r["quant"] for r in rows}):
-        for suite in sorted({r["suite"] for r in rows if r["quant"] == quant}):
-            here = [r for r in rows if r["quant"] == quant and r["suite"] == suite]
-            if not any(r["method"] == ours for r in here):
-                continue
-            peers = {m: paired_ratio(here, m, "ar") for m in PEERS if any(r["method"] == m for r in here)}
-            peer = max(peers, key=lambda m: peers[m][0]) if peers else None
-            same = lambda m: (f"{sum(r['matches_ar'] is True for r in here if r['method'] == m)}"  # noqa: E731
-                              f"/{sum(r['method'] == m for r in here)}"
-                              if any(r["method"] == m and r["matches_ar"] is not None for r in here) else "n/a")
-            tau = statistics.mean(r["tau"] for r in here if r["method"] == ours)
-            plain = statistics.mean(r["tps"] for r in here if r["method"] == "ar")
-            lines.append(f"| {quant} | {suite} | {plain:.1f} | {fmt(paired_ratio(here, 'lookup', 'ar'))} | "
-                         f"**{fmt(paired_ratio(here, ours, 'ar'))}** | {tau:.2f} | "
-                         f"{peer or '-'} ({fmt(peers.get(peer))}) | **{fmt(paired_ratio(here, ours, peer) if peer else None)}** | "
-                         f"{same(ours)} / {same(peer) if peer else '-'} |")
+    fmt = _ratio_cell
+    for quant, suite, here in _by_mode_and_suite(rows, ours):
+        peers = {m: paired_ratio(here, m, "ar") for m in PEERS if any(r["method"] == m for r in here)}
+        peer = max(peers, key=lambda m: peers[m][0]) if peers else None
+        same = lambda m: (f"{sum(r['matches_ar'] is True for r in here if r['method'] == m)}"  # noqa: E731
+                          f"/{sum(r['method'] == m for r in here)}"
+                          if any(r["method"] == m and r["matches_ar"] is not None for r in here) else "n/a")
+        tau = statistics.mean(r["tau"] for r in here if r["method"] == ours)
+        plain = statistics.mean(r["tps"] for r in here if r["method"] == "ar")
+        lines.append(f"| {quant} | {suite} | {plain:.1f} | {fmt(paired_ratio(here, 'lookup', 'ar'))} | "
+                     f"**{fmt(paired_ratio(here, ours, 'ar'))}** | {tau:.2f} | "
+                     f"{peer or '-'} ({fmt(peers.get(peer))}) | **{fmt(paired_ratio(here, ours, peer) if peer else None)}** | "
+                     f"{same(ours)} / {same(peer) if peer else '-'} |")
     return "\n".join(lines) + "\n"
 
 
 def versus_report(rows: list[dict], peer: str = "hf_prompt_lookup") -> str:
     """Per quant mode and suite: our lookup and our default against one peer, paired per run."""
     lines = [f"| quant | suite | `lookup` vs {peer} | `auto` vs {peer} | {peer} vs plain |", "|---|---|---|---|---|"]
-    fmt = lambda r: "-" if r is None else f"{r[0]:.2f}x" + (f" ±{r[1]:.2f}" if r[1] else "")  # noqa: E731
-    for quant in sorted({r["quant"] for r in rows}):
-        for suite in sorted({r["suite"] for r in rows if r["quant"] == quant}):
-            here = [r for r in rows if r["quant"] == quant and r["suite"] == suite]
-            if not any(r["method"] == peer for r in here):
-                continue
-            lines.append(f"| {quant} | {suite} | {fmt(paired_ratio(here, 'lookup', peer))} | "
-                         f"{fmt(paired_ratio(here, 'auto', peer))} | {fmt(paired_ratio(here, peer, 'ar'))} |")
+    for quant, suite, here in _by_mode_and_suite(rows, peer):
+        lines.append(f"| {quant} | {suite} | {_ratio_cell(paired_ratio(here, 'lookup', peer))} | "
+                     f"{_ratio_cell(paired_ratio(here, 'auto', peer))} | {_ratio_cell(paired_ratio(here, peer, 'ar'))} |")
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 

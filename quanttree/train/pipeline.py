@@ -74,8 +74,6 @@ def run_prompts_stage(engine, paths: TrainPaths, cfg=None) -> list[str]:
     from .self_prompts import SelfPromptConfig, generate_self_prompts
 
     self_written_prompts(engine, paths)  # continue after a committed pack's chunks
-    if engine.tokenizer is None:
-        raise QuanttreeError("self-written prompts need the target's tokenizer")
     return generate_self_prompts(engine.target, engine.tokenizer, engine.eos_token_ids, paths.self_prompts,
                                  cfg or SelfPromptConfig(), logger(paths))
 
