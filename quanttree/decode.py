@@ -26,7 +26,7 @@ from .tree import Tree, build_branch_tree, build_chain, build_tree, compile_tree
 DRAFT_METHODS = ("dflash", "ddtree", "d2sd", "caddtree", "bastion")  # need a DFlash drafter
 METHODS = ("ar", "lookup") + DRAFT_METHODS + ("auto",)  # auto: drafter and/or n-gram lookup
 MERGES_LOOKUP = ("auto",)  # methods that merge n-gram drafts into every round's tree
-LOOKUP_DEPTH = 16  # tokens of an n-gram continuation (auto; 16 beat 8 in nf4, both suites)
+LOOKUP_DEPTH = 16  # tokens of an n-gram continuation (16 beat 8 in nf4, both suites)
 TREE_METHODS = ("ddtree", "d2sd")  # always verify trees; the adaptive methods size chains where trees can't run
 
 
@@ -229,14 +229,10 @@ def propose(method: str, drafter: DrafterSource | None, lookup_src: LookupSource
     if method == "ar":
         return root_only(root)
     lookup = None
-    if lookup_src is not None:  # n-gram drafts: microseconds, no model
+    if lookup_src is not None:  # n-gram drafts: microseconds, no model (auto and lookup: always sized)
         t0 = clock()
-        alone = method == "lookup"
-        budget = cfg.budget if alone or sizer is None else sizer.build_budget()
-        lookup = lookup_src.propose(root, cfg.budget if alone else LOOKUP_DEPTH, budget, chain_only)
+        lookup = lookup_src.propose(root, LOOKUP_DEPTH, sizer.build_budget(), chain_only)
         times.lookup += clock() - t0
-        if alone:
-            return lookup if lookup is not None else root_only(root)
     if drafter is None or (sizer is not None and not sizer.should_draft(start)):
         # exploring with a drafter, "no draft" is the schedule's plain round: measured as one
         if lookup is None or sizer is None or (sizer.schedule and drafter is not None):

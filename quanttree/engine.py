@@ -539,7 +539,7 @@ def measure_profile(engine, sizes=None, contexts=None, repeats: int = 5, warmup:
 
     from . import kvcache
     from .costmodel import DEFAULT_CONTEXTS, DEFAULT_SIZES, median_ms, model_shape
-    from .tree import build_tree, compile_tree
+    from .tree import build_chain, build_tree, compile_tree
 
     sizes = sizes or DEFAULT_SIZES
     contexts = contexts or DEFAULT_CONTEXTS
@@ -554,16 +554,22 @@ def measure_profile(engine, sizes=None, contexts=None, repeats: int = 5, warmup:
         prompt = torch.randint(0, target.vocab_size, (1, context), generator=gen)
         out = target.forward(prompt, torch.arange(context)[None], cache, last_only=True,
                              feature_layers=tuple(engine.drafter.config.target_layer_ids) if engine.drafter else ())
+        recurrent = kvcache.has_recurrent_state(cache)  # verifies chains only (see decode): time chains
+        saved = kvcache.snapshot(cache) if recurrent else None
         row = []
         for size in sizes:
-            lp = torch.log_softmax(torch.randn(15, 64, generator=gen) * 2, -1)
-            inputs = compile_tree(build_tree(lp, 1, size - 1), context, target.dtype)
+            lp = torch.log_softmax(torch.randn(max(size - 1, 15), 64, generator=gen) * 2, -1)
+            tree = build_chain(lp[:size - 1], 1) if recurrent else build_tree(lp[:15], 1, size - 1)
+            inputs = compile_tree(tree, context, target.dtype)
             samples = []
             for rep in range(warmup + repeats):
                 t0 = clock()
                 target.forward(inputs.input_ids, inputs.position_ids, cache, inputs.attention_mask)
                 if rep >= warmup:
                     samples.append(clock() - t0)
+                if saved is not None:  # restore hands the saved tensors back: copy them again
+                    kvcache.restore(cache, saved)
+                    saved = kvcache.snapshot(cache)
                 kvcache.crop(cache, context)
             row.append(median_ms(samples))
             bar.update(1)

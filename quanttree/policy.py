@@ -329,7 +329,9 @@ class SpeculationGate:
         self.shortfall.sums = [float(x) for x in state.get("shortfall", self.shortfall.sums)]
 
 
-ADAPTIVE_METHODS = ("caddtree", "bastion", "auto")
+ADAPTIVE_METHODS = ("caddtree", "bastion", "auto", "lookup")
+LOOKUP_PROBE_EVERY, LOOKUP_PROBE_NODES = 8, 4
+RATE_RULE_METHODS = ("auto", "lookup")  # sized by best_size on the measured rate (lookup: n-gram drafts alone)
 
 
 class TreeSizer:
@@ -341,6 +343,7 @@ class TreeSizer:
               included, rate being the tokens per ms it decodes at (measured over recent rounds,
               never below plain decoding's): `best_size`. Before drafting, its
               SpeculationGate (`self.gate`) checks that speculation pays.
+    lookup:   auto's rule on n-gram drafts alone (no drafter pass to gate: n = 0 is a plain round).
 
     `explore(sizes)` makes any method draft every round and verify the given node counts in turn
     (the calibration warm-up: in-situ verify costs at every size, and acceptance statistics).
@@ -369,6 +372,7 @@ class TreeSizer:
         self._plain_pending = False
         self.schedule: list[int] = []
         self._build = min(cap, 8)
+        self._lookup_short = 0  # n-gram-only rounds in a row that left nodes out (see _probe_lookup)
 
     def build_budget(self) -> int:
         """Nodes to build before choosing: twice the largest recent choice (at least 8, at most
@@ -502,8 +506,9 @@ class TreeSizer:
         self._lookup_p = None
         if self.schedule:
             n = min(self.schedule[len(self.chosen) % len(self.schedule)], tree.size)
-        elif self.method == "auto":
+        elif self.method in RATE_RULE_METHODS:
             n = best_size(phi, self._curve(context, smooth=False, nodes=tree.size), self.rate(context))
+            n = self._probe_lookup(tree, drafted, n)
         else:
             fixed = self.cost.draft_ms(context) + self.overhead_ms
             n = max(greedy_size(phi, self._curve(context, smooth=True, nodes=tree.size), fixed),
@@ -516,6 +521,17 @@ class TreeSizer:
         self._expected = float(phi[min(n, phi.size - 1)])
         self._chose = True
         return prune(tree, n)
+
+    def _probe_lookup(self, tree: Tree, drafted: bool, n: int) -> int:
+        """n, except that every `LOOKUP_PROBE_EVERY`-th n-gram-only round in a row that leaves
+        nodes out verifies `LOOKUP_PROBE_NODES` more: a calibration that says "not that deep"
+        (or "never") is otherwise never corrected (no drafter pass to gate, and nodes no round
+        verifies teach nothing)."""
+        if drafted or n >= tree.size:
+            self._lookup_short = 0
+            return n
+        self._lookup_short += 1
+        return min(tree.size, n + LOOKUP_PROBE_NODES) if self._lookup_short % LOOKUP_PROBE_EVERY == 0 else n
 
     def prediction(self) -> tuple[float, float] | None:
         """This round's expected accepted tokens (raw, calibrated), if this sizer chose its tree."""

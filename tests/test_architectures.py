@@ -7,6 +7,7 @@ sliding-window tree masks and the recurrent-state rollback are all exercised."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ import quanttree
 from quanttree import QuanttreeError, kvcache
 from quanttree.costmodel import CostModel, CostProfile
 from quanttree.decode import DraftContext
+from quanttree.engine import measure_profile
 from quanttree.lookup import Continuation, NgramIndex
 from quanttree.tree import sliding_window_mask
 
@@ -76,7 +78,11 @@ def test_speculation_is_exact_or_refused(arch_dirs, kind, method, monkeypatch):
             return [Continuation(nxt, 2, 2), Continuation(wrong, 1, 2)] if nxt else []
 
         monkeypatch.setattr(NgramIndex, "continuations", oracle_continuations)
-        out = plain.generate(PROMPT, method="lookup", budget=8, max_new_tokens=40, chat=False)
+        plain.sizer("lookup", 8).explore([8])  # verify 8 nodes every round, whatever the cost model says
+        try:
+            out = plain.generate(PROMPT, method="lookup", budget=8, max_new_tokens=40, chat=False)
+        finally:
+            plain.sizer("lookup", 8).explore([])
         assert out.token_ids == ar.token_ids and out.stats.tau > 2.0
         return
     oracle = Oracle(engine.encode(PROMPT, chat=False) + ar.token_ids, engine.target.vocab_size)
@@ -87,9 +93,14 @@ def test_speculation_is_exact_or_refused(arch_dirs, kind, method, monkeypatch):
 
 
 def test_auto_runs_chains_on_a_recurrent_target(arch_dirs, monkeypatch):
-    """auto picks what the target allows: on a hybrid recurrent target it sizes chains."""
+    """auto picks what the target allows: on a hybrid recurrent target it sizes chains, and its
+    first use measures the cost of the chains it will verify (a tree-shaped forward is refused)."""
     engine = engine_for(arch_dirs, "qwen3_5")
     ar = engine.generate(PROMPT, method="ar", max_new_tokens=40, chat=False)
+    measured = measure_profile(engine, sizes=[1, 4, 16], contexts=[16, 32], repeats=1, warmup=0, progress=False)
+    assert np.isfinite(measured.verify_ms).all()
+    after = engine.generate(PROMPT, method="ar", max_new_tokens=40, chat=False)
+    assert after.token_ids == ar.token_ids
     cheap = CostProfile(key={}, sizes=[1, 2, 4, 8, 16], contexts=[1, 4096],
                         verify_ms=[[10.0, 10.1, 10.2, 10.3, 10.4]] * 2, draft_ms=[0.1, 0.1])
     engine._cost = CostModel(cheap)

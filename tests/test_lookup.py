@@ -96,6 +96,31 @@ def test_sizer_rates_a_node_by_its_best_source_and_learns_per_source():
     assert chosen.size == 2  # cheap verification and sure nodes: both go
 
 
+@pytest.mark.parametrize("method", ["lookup", "auto"])
+def test_lookup_rounds_sized_to_nothing_are_probed_so_a_wrong_never_gets_corrected(method):
+    """A calibration that says lookup's nodes are never accepted would never be tested again (no
+    drafter pass to gate): every 8th round that leaves nodes out verifies 4 more anyway, and what
+    they show moves the sizer back to speculating, down to the chain's end."""
+    from quanttree.costmodel import CostModel, CostProfile
+    from quanttree.policy import TreeSizer
+    from quanttree.tree import with_source
+
+    profile = CostProfile(key={}, sizes=[1, 2, 4, 8], contexts=[1, 4096],
+                          verify_ms=[[10.0, 10.5, 11.0, 12.0]] * 2, draft_ms=[0.1, 0.1])
+    sizer = TreeSizer(method, CostModel(profile), cap=8)
+    look = with_source(lookup_tree([Continuation((5, 6, 7, 8, 9, 10), 2, 2)], root=0, budget=6), 2)
+    cal = sizer.lookup_calibrators[1]
+    cal.hits[:] = 0.0  # learned elsewhere: never accepted
+    cal.trials[:] = 50.0
+    sizes = []
+    for _ in range(64):
+        chosen = sizer.choose(look, 100, drafted=False)
+        sizes.append(chosen.size)
+        sizer.observe(chosen, torch.arange(chosen.size + 1), chosen.size + 1, 100, 11.0, 0.1)  # all accepted
+    assert sizes[:7] == [0] * 7 and sizes[7] == 4  # the probe
+    assert sizes[-1] == 6, sizes  # the probes taught it: the whole chain goes
+
+
 def test_drafter_worth_skips_the_pass_only_where_it_measured_no_gain():
     from quanttree.policy import DrafterWorth
 
