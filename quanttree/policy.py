@@ -52,12 +52,6 @@ def best_size(phi: np.ndarray, verify: np.ndarray, rate: float) -> int:
     return int(np.argmax(phi[:m] - rate * verify[:m]))
 
 
-def objective(phi: np.ndarray, verify: np.ndarray, rate: float) -> float:
-    """max over n of Phi(n) - rate * C_v(n + 1): what a round's best choice buys (best_size's value)."""
-    m = min(phi.size, verify.size)
-    return float(np.max(phi[:m] - rate * verify[:m]))
-
-
 def ranked_by(tree: Tree, path: np.ndarray) -> Tree:
     """The tree with calibrated path probabilities [n+1] as its scores (so pop_order ranks by them)."""
     scores = torch.tensor(np.log(np.maximum(path, 1e-30)), dtype=torch.float32, device=tree.scores.device)
@@ -191,11 +185,13 @@ class DrafterWorth:
     """Whether a round's drafter pass is worth its time when n-gram lookup already proposes.
 
     Per bin of lookup's calibrated chance that its first token is right, the decayed mean of what
-    the drafter's nodes added to a round's objective (Phi(n) - rate * C_v(n + 1) of the merged
-    tree, minus the same for lookup's nodes alone), measured on rounds that drafted. Where that
-    is below the drafter pass's own price (rate * draft ms) the round verifies lookup's nodes
-    alone; every `probe_every`-th such round drafts anyway, so the estimate follows the drafter
-    and the text. Where lookup is unsure (or absent) the drafter always runs."""
+    the drafter's nodes were observed to add on rounds that drafted: the accepted tokens past
+    the accepted path's lookup-proposed prefix (what lookup's nodes alone would have stopped
+    at), minus the verify time the drafter-only nodes cost, in tokens at the current rate. Where
+    that is below the drafter pass's own price (rate * draft ms) the round verifies lookup's
+    nodes alone; every `probe_every`-th such round drafts anyway, so the estimate follows the
+    drafter and the text. Until a bin has `min_samples` rounds, and where lookup proposes
+    nothing, the drafter runs."""
 
     EDGES = np.array([0.5, 0.7, 0.8, 0.9, 0.95])
 
@@ -213,7 +209,7 @@ class DrafterWorth:
         """Run the drafter this round? p: lookup's first-token chance; price: tokens the pass's
         time would buy at the current rate."""
         b = self.bin(p)
-        if b == 0 or self.weight[b] < self.min_samples or self.sum[b] / self.weight[b] > price:
+        if self.weight[b] < self.min_samples or self.sum[b] / self.weight[b] > price:
             return True
         self.skips[b] += 1
         return self.skips[b] % self.probe_every == 0
@@ -363,6 +359,7 @@ class TreeSizer:
         self.gate = SpeculationGate(cost, probe_every, max_probe_every, min_samples)  # auto's go/no-go
         self.worth = DrafterWorth()  # auto: skip the drafter pass where lookup's draft suffices
         self._lookup_p: float | None = None  # this round's lookup first-token chance, if asked
+        self._worth_round: tuple | None = None  # (lookup_p, rate, verify curve) of a merged round, until observed
         self._expected = 0.0
         self.recent = [0.0, 0.0]  # decayed tokens and wall ms of this policy's rounds: its rate
         self.chosen: list[int] = []  # sizes chosen (0: a plain round); the exploring schedule indexes it
@@ -497,12 +494,9 @@ class TreeSizer:
             order = pop_order(tree)
             phi = expected_gain(path[order.cpu().numpy()])
             if drafted and self._lookup_p is not None and self.method == "auto":
-                # what the drafter's nodes added this round (auto's objective with them and
-                # without them), for DrafterWorth
-                lookup_path = self.calibrate_sources(tree, range(1, len(SOURCES)))
-                alone = expected_gain(lookup_path[pop_order(ranked_by(tree, lookup_path)).cpu().numpy()])
-                verify, rate = self._curve(context, smooth=False, nodes=tree.size), self.rate(context)
-                self.worth.observe(self._lookup_p, objective(phi, verify, rate) - objective(alone, verify, rate))
+                # observed after verification: what the drafter's nodes added (DrafterWorth)
+                self._worth_round = (self._lookup_p, self.rate(context),
+                                     self._curve(context, smooth=False, nodes=tree.size))
         self._lookup_p = None
         if self.schedule:
             n = min(self.schedule[len(self.chosen) % len(self.schedule)], tree.size)
@@ -543,6 +537,9 @@ class TreeSizer:
         drafted round, and (auto) the measured wall time: a plain round's extras beyond its
         verify forward, or what a drafted round saved against plain rounds."""
         accept_len = path.numel() - 1
+        if self._worth_round is not None:
+            self.worth.observe(self._worth_round[0], drafter_added(tree, path, *self._worth_round[1:]))
+            self._worth_round = None
         if tree.own is None:
             self.calibrator.update(tree, path)
         else:
@@ -563,6 +560,18 @@ class TreeSizer:
                 if self._chose and self._drafted:  # the gate decides whether to run the drafter
                     self.gate.observe_drafted(context, round_ms, self._expected, accept_len)
         self._chose = self._drafted = self._plain_pending = False
+
+
+def drafter_added(tree: Tree, path: torch.Tensor, rate: float, verify: np.ndarray) -> float:
+    """What the drafter's nodes added to a verified merged tree, in tokens: accepted tokens past
+    the accepted path's lookup-proposed prefix, minus rate x the verify ms of the nodes only
+    the drafter proposed (verify[n] = C_v(n + 1 tokens))."""
+    from_lookup = ~np.isnan(tree.own[1:, 1:].float().cpu().numpy()).all(axis=1)  # [n]
+    accepted = path[1:].cpu().numpy() - 1
+    prefix = int(np.cumprod(from_lookup[accepted]).sum()) if accepted.size else 0
+    lookup_nodes = int(from_lookup.sum())
+    extra_ms = verify[min(tree.size, verify.size - 1)] - verify[min(lookup_nodes, verify.size - 1)]
+    return (accepted.size - prefix) - rate * extra_ms
 
 
 def _ema_curve(old: np.ndarray, new: np.ndarray, ema: float = 0.2) -> np.ndarray:

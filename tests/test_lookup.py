@@ -128,12 +128,30 @@ def test_drafter_worth_skips_the_pass_only_where_it_measured_no_gain():
     assert worth.worth(0.99, price=0.3)  # nothing measured yet: draft
     for _ in range(5):
         worth.observe(0.99, added=0.05)  # lookup sure: the drafter added 0.05 tokens a round
-        worth.observe(0.3, added=-1.0)  # lookup unsure: never skipped, whatever was measured
+        worth.observe(0.3, added=0.9)  # lookup unsure: the drafter's nodes carried the round
     decisions = [worth.worth(0.99, price=0.3) for _ in range(8)]
     assert decisions.count(True) == 2 and decisions[3] and decisions[7]  # only the probes draft
     assert worth.worth(0.99, price=0.01)  # a cheap pass pays for its 0.05 tokens
-    assert worth.worth(0.3, price=0.3)
+    assert all(worth.worth(0.3, price=0.3) for _ in range(8))  # measured worth its price
     assert worth.worth(0.75, price=0.3)  # another bin: not measured yet
+
+
+def test_drafter_added_counts_accepted_tokens_past_lookups_prefix_net_of_their_verify_time():
+    from quanttree.policy import drafter_added
+    from quanttree.tree import lookup_source, with_source
+
+    look = with_source(lookup_tree([Continuation((5, 6), 2, 2)], root=0, budget=4), lookup_source(2))
+    drafted = with_source(build_chain(torch.log_softmax(torch.tensor([[0.0, 0, 0, 0, 0, 9, 0, 0],
+                                                                     [0.0, 0, 0, 0, 0, 0, 0, 9],
+                                                                     [0.0, 0, 9, 0, 0, 0, 0, 0]]), -1), root=0), 0)
+    merged, _ = merge_trees(drafted, look)  # 5 (both), then 7 -> 2 (drafter) beside 6 (lookup)
+    verify = np.array([10.0, 11.0, 12.0, 13.0, 14.0])  # 1 ms a node
+    by_token = {int(t): i for i, t in enumerate(merged.tokens.tolist())}
+    path = torch.tensor([0, by_token[5], by_token[7], by_token[2]])
+    assert drafter_added(merged, path, 0.1, verify) == pytest.approx(2 - 0.1 * 2)  # 7 and 2 are the drafter's
+    path = torch.tensor([0, by_token[5], by_token[6]])
+    assert drafter_added(merged, path, 0.1, verify) == pytest.approx(0 - 0.1 * 2)  # lookup's path alone
+    assert drafter_added(merged, torch.tensor([0]), 0.1, verify) == pytest.approx(-0.2)
 
 
 def test_sizer_learns_what_the_drafter_adds_to_a_sure_lookup_draft():
