@@ -225,10 +225,18 @@ def test_sampling_is_lossless(small_vocab_engine, method, params):
     draws = 3000
     counts = torch.zeros_like(exact)
     gen_seed = params.seed
+    sizer = None
+    if method == "lookup":  # sized on a cost model: told to verify every node it drafts
+        from quanttree.costmodel import CostModel, CostProfile
+        from quanttree.policy import TreeSizer
+
+        flat = CostProfile(key={}, sizes=[1, 8], contexts=[128], verify_ms=[[20.0, 20.0]], draft_ms=[0.0])
+        sizer = TreeSizer(method, CostModel(flat), cap=5)
+        sizer.explore([5])
     for i in range(draws):
         cfg = DecodeConfig(method=method, budget=5, max_new_tokens=3,
                            sampling=SamplingParams(params.temperature, params.top_p, params.top_k, gen_seed * 100003 + i))
-        toks = [t for step in decode(target, drafter, prompt, cfg) for t in step.tokens]
+        toks = [t for step in decode(target, drafter, prompt, cfg, sizer) for t in step.tokens]
         counts[(toks[0] * 6 + toks[1]) * 6 + toks[2]] += 1
     chi2, limit, tv = chi_square(counts, exact)
     assert limit > 20, "the distribution is too peaked for a meaningful test"
