@@ -433,7 +433,6 @@ def headline_report(rows: list[dict], ours: str = "auto") -> str:
     lines = ["| quant | suite | plain tok/s | `lookup` vs plain | `auto` vs plain | `auto` tau | fastest peer (vs plain) "
              "| `auto` vs fastest peer | greedy == plain (`auto` / peer) |",
              "|---|---|---|---|---|---|---|---|---|"]
-    fmt = _ratio_cell
     for quant, suite, here in _by_mode_and_suite(rows, ours):
         peers = {m: paired_ratio(here, m, "ar") for m in PEERS if any(r["method"] == m for r in here)}
         peer = max(peers, key=lambda m: peers[m][0]) if peers else None
@@ -442,9 +441,9 @@ def headline_report(rows: list[dict], ours: str = "auto") -> str:
                           if any(r["method"] == m and r["matches_ar"] is not None for r in here) else "n/a")
         tau = statistics.mean(r["tau"] for r in here if r["method"] == ours)
         plain = statistics.mean(r["tps"] for r in here if r["method"] == "ar")
-        lines.append(f"| {quant} | {suite} | {plain:.1f} | {fmt(paired_ratio(here, 'lookup', 'ar'))} | "
-                     f"**{fmt(paired_ratio(here, ours, 'ar'))}** | {tau:.2f} | "
-                     f"{peer or '-'} ({fmt(peers.get(peer))}) | **{fmt(paired_ratio(here, ours, peer) if peer else None)}** | "
+        lines.append(f"| {quant} | {suite} | {plain:.1f} | {_ratio_cell(paired_ratio(here, 'lookup', 'ar'))} | "
+                     f"**{_ratio_cell(paired_ratio(here, ours, 'ar'))}** | {tau:.2f} | "
+                     f"{peer or '-'} ({_ratio_cell(peers.get(peer))}) | **{_ratio_cell(paired_ratio(here, ours, peer) if peer else None)}** | "
                      f"{same(ours)} / {same(peer) if peer else '-'} |")
     return "\n".join(lines) + "\n"
 
