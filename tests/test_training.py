@@ -133,6 +133,23 @@ def test_cli_train_drafter_stage_train_without_data(tmp_path, tiny_chat_engine):
     assert code == 2  # a clear error: no data yet
 
 
+def test_stage_train_on_a_fresh_machine_starts_from_the_committed_pack(tiny_chat_engine, tmp_path, monkeypatch):
+    from quanttree.train import pipeline
+    from quanttree.train.datagen import pack_dataset
+
+    made = TrainPaths(tmp_path / "made")
+    run_data_stage(tiny_chat_engine, made, token_goal=100, gen_cfg=GenConfig(max_new_tokens=8, batch_size=8, chunk=16))
+    packed = pack_dataset(made.data, tmp_path / "committed.npz")
+    monkeypatch.setattr(pipeline, "packed_data_file", lambda target, quant: packed)
+    fresh = TrainPaths(tmp_path / "fresh")
+    cfg = TrainConfig(num_layers=1, block_size=4, num_features=2, draft_vocab=512, anchors=4, seqs_per_step=2,
+                      steps=2, ckpt_every=2, eval_every=2, eval_seqs=2)
+    run_train_stage(tiny_chat_engine, fresh, cfg, tmp_path / "drafter")
+    same = lambda data: sorted((i, p, t.tolist()) for t, p, i in load_shards(data))  # noqa: E731
+    assert same(fresh.data) == same(made.data)
+    assert (tmp_path / "drafter" / "config.json").exists()
+
+
 def small_feature_cache(engine, tmp_path):
     """~200 response tokens of the tiny chat model, with features of layers 1 and 3."""
     paths = TrainPaths(tmp_path / "work")

@@ -78,18 +78,23 @@ def run_prompts_stage(engine, paths: TrainPaths, cfg=None) -> list[str]:
                                  cfg or SelfPromptConfig(), logger(paths))
 
 
-def run_data_stage(engine, paths: TrainPaths, token_goal: int, gen_cfg=None, seed: int = 0) -> int:
-    """Generate target responses for the prompt pool until token_goal response tokens exist.
-
-    A packed copy committed under data/ for this target and quant mode is unpacked first, so a
-    fresh machine continues from it instead of regenerating."""
-    from .datagen import GenConfig, generate_dataset, unpack_dataset
-    from .prompts import build_pool, with_self_written
+def unpack_committed_data(engine, paths: TrainPaths) -> None:
+    """Restore the data set packed under data/ for this target and quant mode into an empty work dir,
+    so a fresh machine continues from it (whichever stage it runs first) instead of regenerating."""
+    from .datagen import unpack_dataset
 
     packed = packed_data_file(engine.loaded.source, engine.quant)
     if packed.exists() and not any(paths.data.glob("shard-*.npz")):
         logger(paths)(f"data: unpacking {unpack_dataset(packed, paths.data)} sequences from {packed}")
 
+
+def run_data_stage(engine, paths: TrainPaths, token_goal: int, gen_cfg=None, seed: int = 0) -> int:
+    """Generate target responses for the prompt pool until token_goal response tokens exist
+    (after unpacking the committed copy, if there is one)."""
+    from .datagen import GenConfig, generate_dataset
+    from .prompts import build_pool, with_self_written
+
+    unpack_committed_data(engine, paths)
     if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
         raise QuanttreeError("train-drafter needs a chat model with a chat template to regenerate responses")
     built_in = build_pool(seed)
@@ -148,6 +153,7 @@ def run_train_stage(engine, paths: TrainPaths, cfg, out: Path, minutes: float | 
     """Train (resuming from the last checkpoint) on the cached features and export the drafter to `out`."""
     from .trainer import Trainer
 
+    unpack_committed_data(engine, paths)
     if not any(paths.data.glob("shard-*.npz")) and not (paths.work / "features" / "meta.json").exists():
         raise QuanttreeError(f"no training data in {paths.data}: run `quanttree train-drafter --stage data` first")
     cache = run_features_stage(engine, paths, training_layers(engine.target, cfg))
