@@ -479,9 +479,11 @@ def policy_report(rows: list[dict], summary: list[dict]) -> str:
     for quant in sorted({s["quant"] for s in summary}):
         fixed = [s for s in summary if s["quant"] == quant and s["method"] == "ddtree"]
         ar = next((s for s in summary if s["quant"] == quant and s["method"] == "ar"), None)
-        if not fixed or ar is None:
+        if ar is None:
             continue
-        oracle = max(fixed, key=lambda s: s["speedup"])  # ratios to side-by-side AR runs: steadier than tok/s
+        # ratios to side-by-side AR runs: steadier than tok/s; no ddtree row run: no oracle columns
+        oracle = max(fixed, key=lambda s: s["speedup"]) if fixed else None
+        budget, vs_ar = (oracle["budget"], f"{oracle['speedup']:.3f}x") if oracle else ("-", "-")
         for policy in ("caddtree", "bastion", "auto"):
             s = next((x for x in summary if x["quant"] == quant and x["method"] == policy), None)
             if s is None:
@@ -493,9 +495,10 @@ def policy_report(rows: list[dict], summary: list[dict]) -> str:
             acc = [sum(x for r in mine for x in r.get(k, [])) for k in ("predicted_raw", "predicted", "observed")]
             count = sum(len(r.get("observed", [])) for r in mine)
             accuracy = " / ".join(f"{a / count:.2f}" for a in acc) if count else "-"
-            lines.append(f"| {quant} | {oracle['budget']} | {oracle['speedup']:.3f}x | {policy} | {s['speedup']:.3f}x"
-                         f"{_ci(s)} | {s['speedup'] / oracle['speedup']:.3f}x | {dist} | {accuracy} |")
-    return "\n".join(lines) + "\n"
+            vs_oracle = f"{s['speedup'] / oracle['speedup']:.3f}x" if oracle else "-"
+            lines.append(f"| {quant} | {budget} | {vs_ar} | {policy} | {s['speedup']:.3f}x{_ci(s)} | {vs_oracle} | "
+                         f"{dist} | {accuracy} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def markdown(summary: list[dict], notes: list[str]) -> str:
@@ -549,13 +552,12 @@ def write_outputs(cfg: BenchConfig, rows: list[dict], notes: list[str]) -> None:
               f"Command: `{command_line(cfg)}`\n\n"
               f"Machine: {machine()}; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
               f"{json.dumps(library_versions())}\n\n")
-    sources = sources_report(summary)
-    versus = versus_report(rows)
+    sources, versus, policies = sources_report(summary), versus_report(rows), policy_report(rows, summary)
     (cfg.out / "notes.json").write_text(json.dumps(notes, indent=1))  # for re-rendering from rows.jsonl
     (cfg.out / "summary.md").write_text(header + "## Per mode and suite\n\n" + headline_report(rows)
                                         + ("\n## Against transformers' prompt lookup\n\n" + versus if versus else "")
-                                        + "\n## Every method\n\n" + markdown(summary, notes) + "\n## Tree-size policies\n\n"
-                                        + policy_report(rows, summary)
+                                        + "\n## Every method\n\n" + markdown(summary, notes)
+                                        + ("\n## Tree-size policies\n\n" + policies if policies else "")
                                         + ("\n## Draft sources\n\n" + sources if sources else ""))
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=1))
     plot_all(summary, cfg.out)

@@ -56,6 +56,11 @@ def test_summary_counts_prompts_not_repeats_and_gives_an_interval():
     assert auto["speedup"] == 1.02 and 0.0 < auto["speedup_ci"] < 0.05
     report = policy_report(rows, list(summary.values()))
     assert "| nf4 | 4 | 0.920x | auto | 1.020x ±" in report and "| 1.109x |" in report
+    # without a ddtree row there is no oracle, but the policy's own columns stay; no policy: no table
+    no_oracle = [r for r in rows if r["method"] != "ddtree"]
+    report = policy_report(no_oracle, [s for s in summary.values() if s["method"] != "ddtree"])
+    assert "| nf4 | - | - | auto | 1.020x ±" in report and "| 0 / 4 / 4, 50% | 0.60 / 0.50 / 1.00 |" in report
+    assert policy_report(rows[:4], [summary["ar"]]) == ""
     sources = sources_report(list(summary.values()))  # summed over the 4 auto rows
     assert "| nf4 | auto | lookup | 24 | 12 | 0.50 | 4 / 4 / 0 / 0 / 0 / 4 |" in sources
     assert "| nf4 | auto | drafter | 16 | 4 | 0.25 | 4 / 0 / 0 / 0 / 0 / 0 |" in sources
