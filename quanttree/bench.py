@@ -27,8 +27,10 @@ OUR_METHODS = METHODS  # the one registry (quanttree.decode.METHODS)
 # bench-only variants of our methods: d2sd re-drafting with the DFlash weights (no VP drafter), and
 # ddtree at the default budget with the drafter quantized like a 4/8-bit target (by default the
 # drafter only follows the target's compute dtype): the acceptance lost to quantizing the drafter,
-# beside "tau vs fp32", the acceptance lost to quantizing the target
-VARIANTS = {"d2sd_dflash": "d2sd", "ddtree_quant_drafter": "ddtree"}  # row name -> the method it runs
+# beside "tau vs fp32", the acceptance lost to quantizing the target; and lookup / auto without the
+# corpus of earlier responses (what the corpus adds)
+VARIANTS = {"d2sd_dflash": "d2sd", "ddtree_quant_drafter": "ddtree", "lookup_no_corpus": "lookup",
+            "auto_no_corpus": "auto"}  # row name -> the method it runs
 PEERS = ("hf_generate", "hf_prompt_lookup", "hf_assisted", "llama_cpp", "llama_cpp_lookup")
 LLAMA_CPP_LOOKUP_TOKENS = 10  # llama.cpp's prompt-lookup draft length (transformers' default is 10 too)
 
@@ -305,6 +307,9 @@ def variant_engines(engine, cfg: BenchConfig, notes: list[str]) -> dict:
     from .models import BNB_MODES
 
     out = {}
+    if engine.corpus is not None:
+        without = Engine(engine.loaded, engine.drafter, engine.drafter_quant, engine.vp_drafter)
+        out.update({m: without for m in ("lookup_no_corpus", "auto_no_corpus") if m in cfg.methods})
     if engine.drafter is None:
         return out
     if "d2sd_dflash" in cfg.methods and engine.vp_drafter is not None:

@@ -16,12 +16,12 @@ from . import kvcache
 from .drafter import DFlashDrafter
 from .errors import QuanttreeError
 from .kvcache import ContextKV
-from .lookup import NgramIndex, lookup_tree
+from .lookup import CorpusIndex, NgramIndex, lookup_tree
 from .policy import ADAPTIVE_METHODS, TreeSizer, prune
 from .sampling import SamplingParams, make_generator, select_tokens
 from .target import Target
-from .tree import Tree, build_branch_tree, build_chain, build_tree, compile_tree, lookup_source, map_tokens, \
-    merge_trees, rejection_boundaries, root_only, subtree, walk, with_source
+from .tree import Tree, build_branch_tree, build_chain, build_tree, compile_tree, corpus_source, lookup_source, \
+    map_tokens, merge_trees, rejection_boundaries, root_only, subtree, walk, with_source
 
 DRAFT_METHODS = ("dflash", "ddtree", "d2sd", "caddtree", "bastion")  # need a DFlash drafter
 METHODS = ("ar", "lookup") + DRAFT_METHODS + ("auto",)  # auto: drafter and/or n-gram lookup
@@ -155,11 +155,13 @@ class DraftContext:
 
 
 class LookupSource:
-    """Draft source: n-gram continuations of the prompt and of everything committed since
-    (no model; microseconds a round). Lifecycle: begin(prompt) -> propose() -> accept(tokens)."""
+    """Draft source: n-gram continuations of the prompt and of everything committed since, and
+    of the same context in a corpus of the target's earlier responses when there is one (no
+    model; well under a millisecond a round). Lifecycle: begin(prompt) -> propose() -> accept(tokens)."""
 
-    def __init__(self):
+    def __init__(self, corpus: CorpusIndex | None = None):
         self.index = NgramIndex()
+        self.corpus = corpus
 
     def begin(self, prompt_ids: list[int], first: int) -> None:
         self.index.extend(prompt_ids + [first])
@@ -167,9 +169,14 @@ class LookupSource:
     def propose(self, root: int, depth: int, budget: int, chain_only: bool) -> Tree | None:
         """A tree of at most `budget` nodes from continuations up to `depth` tokens, or None."""
         found = self.index.continuations(depth=depth)
-        if not found:
+        tree = with_source(lookup_tree(found, root, budget), lookup_source(found[0].match_len)) if found else None
+        if self.corpus is not None:  # one tree: a continuation both propose is one node
+            earlier = self.corpus.continuations(self.index.tokens, depth=depth)
+            if earlier:
+                other = with_source(lookup_tree(earlier, root, budget), corpus_source(earlier[0].match_len))
+                tree = other if tree is None else merge_trees(tree, other)[0]
+        if tree is None:
             return None
-        tree = with_source(lookup_tree(found, root, budget), lookup_source(found[0].match_len))
         return prune_to_chain(tree) if chain_only else tree
 
     def accept(self, tokens: list[int]) -> None:
@@ -290,11 +297,12 @@ def finish(tokens: list[int], produced: int, cfg: DecodeConfig) -> tuple[list[in
 
 def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
            cfg: DecodeConfig, sizer: TreeSizer | None = None,
-           vp_drafter: DFlashDrafter | None = None) -> Iterator[Step]:
+           vp_drafter: DFlashDrafter | None = None, corpus: CorpusIndex | None = None) -> Iterator[Step]:
     """Yield one Step per target forward until EOS or max_new_tokens.
 
     sizer: required by the adaptive methods (caddtree, bastion, auto); it chooses tree sizes.
-    vp_drafter: D2SD's variable-prefix drafter (d2sd without it re-drafts with `drafter`)."""
+    vp_drafter: D2SD's variable-prefix drafter (d2sd without it re-drafts with `drafter`).
+    corpus: earlier responses of the target, a further n-gram source for lookup and auto."""
     if cfg.method not in METHODS:
         raise QuanttreeError(f"unknown method {cfg.method!r}: choose one of {', '.join(METHODS)}")
     if cfg.method in DRAFT_METHODS and drafter is None:
@@ -308,7 +316,7 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
     # the round's draft sources: the drafter (shaped by the method) and/or n-gram lookup
     draft = DrafterSource(drafter, target, cfg.method, vp_drafter, cfg.branches) \
         if drafter is not None and cfg.method not in ("ar", "lookup") else None
-    lookup = LookupSource() if cfg.method in ("lookup",) + MERGES_LOOKUP else None
+    lookup = LookupSource(corpus) if cfg.method in ("lookup",) + MERGES_LOOKUP else None
     layers = draft.layers if draft is not None else ()
     cache = kvcache.new_target_cache(target.model)
     recurrent = kvcache.has_recurrent_state(cache)

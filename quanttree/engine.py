@@ -15,6 +15,7 @@ from .drafter import DFlashDrafter, build_drafter, check_fits_target, drafter_id
     read_draft_vocab, read_drafter, resolve_drafter_dir
 from .costmodel import CostModel, CostProfile, learned_path, profile_key, profile_path
 from .errors import QuanttreeError
+from .lookup import CorpusIndex, load_corpus
 from .models import BNB_MODES, DEFAULT_TARGET, EMBEDDED_MODELS, LoadedTarget, compute_dtype, load_target, \
     resolve_quant
 from .policy import ADAPTIVE_METHODS, TreeSizer
@@ -145,9 +146,10 @@ class Engine:
     """A target (and optional drafter) loaded once and reused across generations."""
 
     def __init__(self, loaded: LoadedTarget, drafter: DFlashDrafter | None = None, drafter_quant: str | None = None,
-                 vp_drafter: DFlashDrafter | None = None, exact: bool | None = None):
+                 vp_drafter: DFlashDrafter | None = None, exact: bool | None = None, corpus: CorpusIndex | None = None):
         self.loaded = loaded
         self.vp_drafter = vp_drafter
+        self.corpus = corpus  # the target's earlier responses: an n-gram source for lookup and auto
         self.target = Target(loaded.model)
         self.tokenizer = loaded.tokenizer
         self.drafter = drafter
@@ -317,7 +319,8 @@ class Engine:
         stats = Stats(method=cfg.method, prompt_tokens=len(prompt_ids))
         sizer = self.sizer(cfg.method, cfg.budget) if cfg.method in ADAPTIVE_METHODS else None
         try:
-            yield from self._events(decode(self.target, self.drafter, prompt_ids, cfg, sizer, self.vp_drafter),
+            yield from self._events(decode(self.target, self.drafter, prompt_ids, cfg, sizer, self.vp_drafter,
+                                           self.corpus),
                                     stats, stops)
         finally:
             if sizer is not None:
@@ -503,9 +506,34 @@ def shipped_drafter(target: str, variable_prefix: bool = False) -> str | None:
     return str(path) if target in EMBEDDED_MODELS and (path / "config.json").is_file() else None
 
 
+def shipped_corpus(target: str) -> str | None:
+    """The packed responses of an embedded target that quanttree ships (its drafter's training
+    data), if any: the corpus `load(corpus="auto")` indexes."""
+    path = Path(__file__).parent / "data" / "train" / f"{target}-bf16.npz"
+    return str(path) if target in EMBEDDED_MODELS and path.is_file() else None
+
+
+def load_corpus_index(corpus: str | None, target: str, log=print) -> CorpusIndex | None:
+    """corpus: "auto" (the shipped one for an embedded target, else none), None, or a packed
+    data file (`quanttree train-drafter --stage data` writes the target's responses; pack them
+    with `quanttree.train.datagen.pack_dataset`)."""
+    path = shipped_corpus(target) if corpus == "auto" else corpus
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise QuanttreeError(f"corpus {path!r} is not a file: pass a packed data file (.npz), 'auto' or None")
+    try:
+        index = load_corpus(path)
+    except ValueError as exc:
+        raise QuanttreeError(f"{exc}; pass 'auto' or None instead") from exc
+    log(f"corpus: {len(index):,} tokens of earlier responses indexed for lookup drafts ({Path(path).name})")
+    return index
+
+
 def load(target: str = DEFAULT_TARGET, drafter: str | None = "auto", quant: str = "auto",
          drafter_quant: str | None = None, device: str | None = None, device_map: str | dict | None = None,
-         vp_drafter: str | None = "auto", exact: bool | None = None, log=print) -> Engine:
+         vp_drafter: str | None = "auto", exact: bool | None = None, corpus: str | None = "auto",
+         log=print) -> Engine:
     """Load a target (and DFlash drafters) once; reuse the Engine across calls.
 
     drafter: a drafter dir or hub id; "auto" = the drafter shipped for an embedded target (none
@@ -513,22 +541,25 @@ def load(target: str = DEFAULT_TARGET, drafter: str | None = "auto", quant: str 
     drafter, same forms ("auto" = the shipped one, only beside the shipped drafter); without one,
     d2sd re-drafts its branches with `drafter`. exact: greedy speculation returns exactly plain
     decoding's tokens (None = wherever possible: every mode but int8, targets without recurrent
-    layers; see Engine.set_exact).
+    layers; see Engine.set_exact). corpus: earlier responses of this target, looked up for
+    drafts by `lookup` and `auto` besides the request itself: "auto" = the shipped one for an
+    embedded target (its drafter's training responses), None, or a packed data file.
     """
     loaded = load_target(target, quant, device, device_map, log)
+    index = load_corpus_index(corpus, target, log)
     if vp_drafter == "auto":  # the shipped VP drafter pairs with the shipped DFlash drafter only
         vp_drafter = shipped_drafter(target, variable_prefix=True) if drafter == "auto" else None
     if drafter == "auto":
         drafter = shipped_drafter(target)
     if drafter is None:
-        return Engine(loaded, exact=exact)
+        return Engine(loaded, exact=exact, corpus=index)
     target_view = Target(loaded.model)
     model, mode = load_drafter(drafter, target_view, drafter_quant)
     vp_model = None
     if vp_drafter is not None:
         vp_model, _ = load_drafter(vp_drafter, target_view, drafter_quant)
         check_same_features(model, vp_model)
-    return Engine(loaded, model, mode, vp_model, exact=exact)
+    return Engine(loaded, model, mode, vp_model, exact=exact, corpus=index)
 
 
 def measure_profile(engine, sizes=None, contexts=None, repeats: int = 5, warmup: int = 2,

@@ -33,13 +33,18 @@ class Tree:
         return bool((self.parents[1:] == torch.arange(self.size, device=self.parents.device)).all())
 
 
-# draft sources a tree's nodes can come from: the DFlash drafter, and n-gram lookup by the length
-# of the matched suffix (a 1-token match predicts far worse than a 3-token one)
-SOURCES = ("drafter", "lookup-1", "lookup-2", "lookup-3+")
+# draft sources a tree's nodes can come from: the DFlash drafter, n-gram lookup in the request
+# by the length of the matched suffix (a 1-token match predicts far worse than a 3-token one),
+# and lookup in a corpus of the target's earlier responses by match length (up to 8 tokens)
+SOURCES = ("drafter", "lookup-1", "lookup-2", "lookup-3+", "corpus-1-3", "corpus-4-7", "corpus-8+")
 
 
 def lookup_source(match_len: int) -> int:
     return min(max(match_len, 1), 3)
+
+
+def corpus_source(match_len: int) -> int:
+    return 4 if match_len <= 3 else 5 if match_len <= 7 else 6
 
 
 def own_probs(tree: Tree) -> torch.Tensor:
@@ -49,12 +54,14 @@ def own_probs(tree: Tree) -> torch.Tensor:
 
 
 def node_origins(tree: Tree) -> list[str]:
-    """Who proposed each drafted node (root excluded): 'drafter', 'lookup' or 'both'."""
+    """Who proposed each drafted node (root excluded): 'drafter', 'lookup' (in the request),
+    'corpus' (in earlier responses only) or 'both' (the drafter and an n-gram source)."""
     if tree.own is None:
         return ["drafter"] * tree.size
     have = ~torch.isnan(tree.own[1:])
-    drafter, lookup = have[:, 0].tolist(), have[:, 1:].any(dim=1).tolist()
-    return ["both" if d and g else "drafter" if d else "lookup" for d, g in zip(drafter, lookup)]
+    drafter, lookup, corpus = have[:, 0].tolist(), have[:, 1:4].any(dim=1).tolist(), have[:, 4:].any(dim=1).tolist()
+    return ["both" if d and (g or c) else "drafter" if d else "lookup" if g else "corpus"
+            for d, g, c in zip(drafter, lookup, corpus)]
 
 
 def with_source(tree: Tree, source: int) -> Tree:

@@ -30,7 +30,8 @@ def tokenizer(embedded_dir):
 def embedded_engine():
     import quanttree
 
-    return quanttree.load("smollm2-135m", quant="fp32", device="cpu", drafter=None, log=lambda *_: None)
+    # no corpus either: n-gram drafts from the request alone (tests/test_sources.py adds one)
+    return quanttree.load("smollm2-135m", quant="fp32", device="cpu", drafter=None, corpus=None, log=lambda *_: None)
 
 
 @pytest.fixture(scope="session")

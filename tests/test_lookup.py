@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from quanttree.lookup import Continuation, NgramIndex, lookup_tree
+from quanttree.lookup import Continuation, CorpusIndex, NgramIndex, load_corpus, lookup_tree
 from quanttree.policy import AcceptanceCalibrator
-from quanttree.tree import build_chain, merge_trees
+from quanttree.tree import SOURCES, build_chain, corpus_source, merge_trees, node_origins, with_source
 
 
 def test_longest_match_first_with_counts():
@@ -25,6 +25,62 @@ def test_longest_match_first_with_counts():
     idx2.extend([5, 6, 5, 6, 5, 7, 5])  # (7, 5) is new: falls back to (5,), seen 3 times
     conts = idx2.continuations(depth=1)
     assert [(c.tokens, c.count, c.match_len) for c in conts] == [((6,), 2, 1), ((7,), 1, 1)]
+
+
+def test_corpus_index_finds_the_longest_earlier_context_and_counts_what_followed():
+    corpus = CorpusIndex([[5, 1, 2, 3, 4], [9, 2, 3, 4, 7], [1, 2, 3, 8], [6, 6]], max_n=4)
+    assert len(corpus) == 16
+    # (1, 2, 3) occurs twice: followed by 4 then the end of its sequence, and by 8
+    conts = corpus.continuations([0, 1, 2, 3], depth=3)
+    assert {(c.tokens, c.count, c.match_len) for c in conts} == {((4,), 1, 3), ((8,), 1, 3)} and len(conts) == 2
+    # (7, 2, 3): 7 never precedes (2, 3), so the match backs off to (2, 3), seen three times
+    conts = corpus.continuations([7, 2, 3], depth=2)
+    assert {(c.tokens, c.count) for c in conts} == {((4,), 1), ((4, 7), 1), ((8,), 1)}
+    assert {c.match_len for c in conts} == {2}
+    # a match never crosses from one sequence into the next
+    assert [c.tokens for c in corpus.continuations([3, 4], depth=4)] == [(7,)]
+    assert corpus.continuations([4, 6], depth=2)[0].tokens == (6,)  # (6,) matches; (4, 6) does not
+    assert corpus.continuations([42], depth=2) == [] and corpus.continuations([], depth=2) == []
+    # frequent first; longer contexts than max_n use the last max_n tokens
+    many = CorpusIndex([[1, 2, 3]] * 5 + [[1, 2, 9]] + [[0, 1, 2, 4]] * 2, max_n=2)
+    conts = many.continuations([7, 7, 7, 1, 2], depth=1)
+    assert [(c.tokens, c.count) for c in conts] == [((3,), 5), ((4,), 2), ((9,), 1)]
+
+
+def test_corpus_index_reads_a_bounded_sample_of_frequent_contexts():
+    seqs = [[1, 2, 3 + (i % 3)] for i in range(1000)]
+    conts = CorpusIndex(seqs, max_n=2).continuations([1, 2], depth=1)
+    assert sum(c.count for c in conts) == CorpusIndex.SAMPLE and len(conts) == 3
+    assert {c.tokens for c in conts} == {(3,), (4,), (5,)}
+
+
+def test_corpus_from_a_packed_data_file_keeps_responses_and_the_turn_opening(tmp_path):
+    path = tmp_path / "pack.npz"
+    tokens = np.array([11, 12, 13, 14, 1, 2, 3, 21, 22, 1, 2, 4], dtype=np.uint16)
+    np.savez(path, tokens=tokens, offsets=np.array([0, 7, 12]), prompt_lens=np.array([4, 2]))
+    corpus = load_corpus(path, lead=1)
+    assert len(corpus) == 2 * 1 + 3 + 3  # each response and the prompt token before it
+    assert corpus.continuations([14], depth=2)[0].tokens == (1, 2)
+    assert corpus.continuations([13], depth=2) == []  # prompts are not the target's writing
+    assert load_corpus(path, lead=1) is corpus  # built once per file
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, other=np.zeros(3))
+    with pytest.raises(ValueError, match="not a packed corpus"):
+        load_corpus(bad)
+
+
+def test_corpus_nodes_are_their_own_source():
+    root = 8
+    lookup = with_source(lookup_tree([Continuation((1, 2), 1, 2)], root, 4), 2)
+    corpus = with_source(lookup_tree([Continuation((1, 3), 2, 5)], root, 4), corpus_source(5))
+    merged, _ = merge_trees(lookup, corpus)
+    assert merged.tokens.tolist() == [8, 1, 2, 3]
+    assert node_origins(merged) == ["lookup", "lookup", "corpus"]  # 1: both n-gram sources, one node
+    assert [corpus_source(n) for n in (1, 3, 4, 7, 8)] == [4, 4, 5, 5, 6]
+    assert SOURCES[4:] == ("corpus-1-3", "corpus-4-7", "corpus-8+")
+    drafted = with_source(build_chain(torch.log_softmax(torch.randn(2, 10), -1), root), 0)
+    both, _ = merge_trees(drafted, corpus)
+    assert "corpus" in node_origins(both) or "both" in node_origins(both)
 
 
 def test_lookup_tree_shares_prefixes_and_keeps_the_frequent_ones():

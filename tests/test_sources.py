@@ -3,6 +3,9 @@ without a drafter; exact, with per-source counts."""
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 import quanttree
 from quanttree.costmodel import CostModel, CostProfile
 
@@ -48,3 +51,42 @@ def test_auto_merges_drafter_and_lookup():
     assert "accepted/drafted" in out.stats.summary()
     phases = out.stats.phase_ms()
     assert phases["lookup"] > 0 and phases["draft"] > 0 and phases["build"] > 0
+
+
+def test_a_corpus_of_earlier_answers_drafts_the_answer_again_and_stays_exact(embedded_engine):
+    from quanttree.engine import Engine
+    from quanttree.lookup import CorpusIndex
+
+    prompt = "Write a Python function that reverses a string, with a docstring."
+    ar = embedded_engine.generate(prompt, method="ar", max_new_tokens=48)
+    # the same request answered before: its answer is in the corpus, so lookup drafts it back
+    engine = Engine(embedded_engine.loaded, corpus=CorpusIndex([ar.token_ids]))
+    cheap_cost(engine)
+    out = engine.generate(prompt, method="lookup", max_new_tokens=48)
+    assert out.token_ids == ar.token_ids
+    drafted, accepted = out.stats.by_source["corpus"]
+    assert accepted >= 24 and out.stats.tau > 3.0, out.stats.by_source
+    # a corpus of unrelated sequences only changes which nodes are verified
+    noise = torch.Generator().manual_seed(0)
+    wrong = Engine(embedded_engine.loaded, corpus=CorpusIndex(
+        [torch.randint(0, 1000, (64,), generator=noise).tolist() for _ in range(50)] + [ar.token_ids[5::2]]))
+    cheap_cost(wrong)
+    assert wrong.generate(prompt, method="lookup", max_new_tokens=48).token_ids == ar.token_ids
+    assert wrong.generate(prompt, method="auto", max_new_tokens=48).token_ids == ar.token_ids
+
+
+def test_the_embedded_target_ships_its_corpus_and_a_bad_one_is_refused_in_words(tmp_path):
+    from quanttree.engine import load_corpus_index, shipped_corpus
+    from quanttree.errors import QuanttreeError
+
+    assert shipped_corpus("smollm2-135m") and shipped_corpus("/some/local/model") is None
+    index = load_corpus_index("auto", "smollm2-135m", log=lambda *_: None)
+    assert len(index) > 2_000_000
+    assert load_corpus_index(None, "smollm2-135m") is None
+    assert load_corpus_index("auto", "/some/local/model") is None
+    with pytest.raises(QuanttreeError, match="is not a file"):
+        load_corpus_index(str(tmp_path / "missing.npz"), "smollm2-135m")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(QuanttreeError, match="not a packed corpus"):
+        load_corpus_index(str(bad), "smollm2-135m")

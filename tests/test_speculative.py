@@ -215,6 +215,7 @@ def small_vocab_engine(tmp_path_factory):
     ("dflash", SamplingParams(temperature=0.7, seed=12)),
     ("d2sd", SamplingParams(temperature=1.0, seed=14)),
     ("lookup", SamplingParams(temperature=1.0, seed=15)),
+    ("lookup+corpus", SamplingParams(temperature=1.0, seed=16)),  # branches from earlier "responses" too
     ("ddtree", SamplingParams(temperature=1.0, top_k=4, top_p=0.9, seed=13)),
 ])
 def test_sampling_is_lossless(small_vocab_engine, method, params):
@@ -225,7 +226,11 @@ def test_sampling_is_lossless(small_vocab_engine, method, params):
     draws = 3000
     counts = torch.zeros_like(exact)
     gen_seed = params.seed
-    sizer = None
+    sizer, corpus = None, None
+    if method == "lookup+corpus":
+        from quanttree.lookup import CorpusIndex
+
+        method, corpus = "lookup", CorpusIndex([[1, 4, 2, 3, 5, 0], [4, 2, 1, 1, 3], [2, 5, 5, 4], [2, 0, 1]])
     if method == "lookup":  # sized on a cost model: told to verify every node it drafts
         from quanttree.costmodel import CostModel, CostProfile
         from quanttree.policy import TreeSizer
@@ -236,7 +241,7 @@ def test_sampling_is_lossless(small_vocab_engine, method, params):
     for i in range(draws):
         cfg = DecodeConfig(method=method, budget=5, max_new_tokens=3,
                            sampling=SamplingParams(params.temperature, params.top_p, params.top_k, gen_seed * 100003 + i))
-        toks = [t for step in decode(target, drafter, prompt, cfg, sizer) for t in step.tokens]
+        toks = [t for step in decode(target, drafter, prompt, cfg, sizer, corpus=corpus) for t in step.tokens]
         counts[(toks[0] * 6 + toks[1]) * 6 + toks[2]] += 1
     chi2, limit, tv = chi_square(counts, exact)
     assert limit > 20, "the distribution is too peaked for a meaningful test"

@@ -48,15 +48,15 @@ def logger(paths: TrainPaths):
     return log
 
 
-REPO_DATA = Path(__file__).resolve().parents[2] / "data"  # packed training sets committed to the repo
+PACKED_DATA = Path(__file__).resolve().parents[1] / "data" / "train"  # packed training sets (package data)
 
 
 def packed_data_file(target: str, quant: str) -> Path:
-    return REPO_DATA / f"{target}-{quant}.npz"
+    return PACKED_DATA / f"{target}-{quant}.npz"
 
 
 def packed_prompts_file(target: str, quant: str) -> Path:
-    return REPO_DATA / f"{target}-{quant}-prompts.json"
+    return PACKED_DATA / f"{target}-{quant}-prompts.json"
 
 
 def self_written_prompts(engine, paths: TrainPaths) -> list[str]:
@@ -79,7 +79,7 @@ def run_prompts_stage(engine, paths: TrainPaths, cfg=None) -> list[str]:
 
 
 def unpack_committed_data(engine, paths: TrainPaths) -> None:
-    """Restore the data set packed under data/ for this target and quant mode into an empty work dir,
+    """Restore the data set packed under quanttree/data/train/ for this target and quant mode into an empty work dir,
     so a fresh machine continues from it (whichever stage it runs first) instead of regenerating."""
     from .datagen import unpack_dataset
 

@@ -135,7 +135,7 @@ PACKAGE_MODULES = ("numpy", "numpy.linalg", "numpy.random", "numpy.fft", "torch.
                    "json", "tqdm", "safetensors.torch")
 
 
-FIRST_DATA_PROMPTS = 31 * 128  # data/smollm2-135m-bf16.npz v1: the first 31 shards of 128 prompts
+FIRST_DATA_PROMPTS = 31 * 128  # quanttree/data/train/smollm2-135m-bf16.npz v1: the first 31 shards of 128 prompts
 
 
 def build_pool(seed: int = 0) -> list[str]:
