@@ -33,7 +33,8 @@ WARMUP_PROMPTS = ("Write a Python function that merges two sorted lists into one
                   "Give three tips for keeping houseplants alive in winter.",
                   "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
 WARMUP_TOKENS = 48
-LEARNED_VERSION = 10  # the layout of the learned state saved beside a profile; another one is relearned
+LEARNED_VERSION = 11  # the layout of the learned state saved beside a profile; another one is relearned
+# (11: calibrators for the corpus sources, learned in the warm-up rather than cold in decoding)
 EXACT_DEFAULT_ROWS = 4  # exact mode is on by default where a forward needs at most this many rows
 
 
