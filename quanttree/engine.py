@@ -514,10 +514,11 @@ def shipped_corpus(target: str) -> str | None:
     return str(path) if target in EMBEDDED_MODELS and path.is_file() else None
 
 
-def load_corpus_index(corpus: str | None, target: str, log=print) -> CorpusIndex | None:
+def load_corpus_index(corpus: str | None, target: str, log=print, vocab_size: int | None = None) -> CorpusIndex | None:
     """corpus: "auto" (the shipped one for an embedded target, else none), None, or a packed
     data file (`quanttree train-drafter --stage data` writes the target's responses; pack them
-    with `quanttree.train.datagen.pack_dataset`)."""
+    with `quanttree.train.datagen.pack_dataset`). vocab_size: the target's, to refuse a corpus
+    tokenized for another model."""
     path = shipped_corpus(target) if corpus == "auto" else corpus
     if path is None:
         return None
@@ -527,6 +528,10 @@ def load_corpus_index(corpus: str | None, target: str, log=print) -> CorpusIndex
         index = load_corpus(path)
     except ValueError as exc:
         raise QuanttreeError(f"{exc}; pass 'auto' or None instead") from exc
+    top = int(index.stream.max(initial=-1))
+    if vocab_size is not None and top >= vocab_size:
+        raise QuanttreeError(f"corpus {Path(path).name} holds token id {top}, but the target's vocabulary has "
+                             f"{vocab_size} tokens: it was tokenized for another model; pack answers of this one")
     log(f"corpus: {len(index):,} tokens of earlier responses indexed for lookup drafts ({Path(path).name})")
     return index
 
@@ -547,14 +552,14 @@ def load(target: str = DEFAULT_TARGET, drafter: str | None = "auto", quant: str 
     embedded target (its drafter's training responses), None, or a packed data file.
     """
     loaded = load_target(target, quant, device, device_map, log)
-    index = load_corpus_index(corpus, target, log)
+    target_view = Target(loaded.model)
+    index = load_corpus_index(corpus, target, log, target_view.vocab_size)
     if vp_drafter == "auto":  # the shipped VP drafter pairs with the shipped DFlash drafter only
         vp_drafter = shipped_drafter(target, variable_prefix=True) if drafter == "auto" else None
     if drafter == "auto":
         drafter = shipped_drafter(target)
     if drafter is None:
         return Engine(loaded, exact=exact, corpus=index)
-    target_view = Target(loaded.model)
     model, mode = load_drafter(drafter, target_view, drafter_quant)
     vp_model = None
     if vp_drafter is not None:

@@ -84,6 +84,8 @@ def test_the_embedded_target_ships_its_corpus_and_a_bad_one_is_refused_in_words(
     assert len(index) > 2_000_000
     assert load_corpus_index(None, "smollm2-135m") is None
     assert load_corpus_index("auto", "/some/local/model") is None
+    with pytest.raises(QuanttreeError, match="tokenized for another model"):
+        load_corpus_index("auto", "smollm2-135m", vocab_size=1000)
     with pytest.raises(QuanttreeError, match="is not a file"):
         load_corpus_index(str(tmp_path / "missing.npz"), "smollm2-135m")
     bad = tmp_path / "bad.npz"
