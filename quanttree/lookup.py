@@ -124,7 +124,8 @@ class CorpusIndex:
             if -1 in cont:
                 cont = cont[:cont.index(-1)]
             if cont:
-                counts[tuple(cont)] = counts.get(tuple(cont), 0) + 1
+                key = tuple(cont)
+                counts[key] = counts.get(key, 0) + 1
         ranked = sorted(counts.items(), key=lambda kv: -kv[1])
         return [Continuation(c, k, n) for c, k in ranked[:limit]]
 

@@ -43,8 +43,12 @@ def lookup_source(match_len: int) -> int:
     return min(max(match_len, 1), 3)
 
 
+LOOKUP_COLUMNS = [i for i, name in enumerate(SOURCES) if name.startswith("lookup")]
+CORPUS_COLUMNS = [i for i, name in enumerate(SOURCES) if name.startswith("corpus")]
+
+
 def corpus_source(match_len: int) -> int:
-    return 4 if match_len <= 3 else 5 if match_len <= 7 else 6
+    return CORPUS_COLUMNS[0 if match_len <= 3 else 1 if match_len <= 7 else 2]
 
 
 def own_probs(tree: Tree) -> torch.Tensor:
@@ -59,7 +63,8 @@ def node_origins(tree: Tree) -> list[str]:
     if tree.own is None:
         return ["drafter"] * tree.size
     have = ~torch.isnan(tree.own[1:])
-    drafter, lookup, corpus = have[:, 0].tolist(), have[:, 1:4].any(dim=1).tolist(), have[:, 4:].any(dim=1).tolist()
+    drafter = have[:, 0].tolist()
+    lookup, corpus = (have[:, cols].any(dim=1).tolist() for cols in (LOOKUP_COLUMNS, CORPUS_COLUMNS))
     return ["both" if d and (g or c) else "drafter" if d else "lookup" if g else "corpus"
             for d, g, c in zip(drafter, lookup, corpus)]
 
