@@ -81,6 +81,32 @@ def prune(tree: Tree, n: int) -> Tree:
     return subtree(tree, keep, parents)
 
 
+def exclusive_rates(parents: np.ndarray, rate: np.ndarray) -> np.ndarray:
+    """Each parent's children's rates [n+1] (root first) scaled down, in proportion, to sum to
+    at most 1. Siblings are exclusive (the target takes one token after a node), but rates
+    calibrated per source or per bin do not know it: a lookup token, a corpus token and a
+    drafter token each at 0.5 would promise 1.5 accepted tokens where at most one can be.
+    (Letting the best sibling keep its rate measured slower: benchmarks/sibling_rates.py.)"""
+    total = np.zeros(rate.size)
+    np.add.at(total, parents[1:], rate[1:])
+    out = rate.copy()
+    out[1:] /= np.maximum(total[parents[1:]], 1.0)
+    return out
+
+
+def path_probs(tree: Tree, rate: np.ndarray) -> np.ndarray:
+    """Path probabilities [n+1] (root 1) from each drafted node's calibrated rate [n],
+    P(node accepted | parent accepted): the product of the rates along the path, siblings'
+    rates first made exclusive (`exclusive_rates`)."""
+    parents, depths = tree.parents.cpu().numpy(), tree.depths.cpu().numpy()
+    rate = exclusive_rates(parents, np.concatenate([[1.0], np.asarray(rate, dtype=float)]))
+    out = np.ones(tree.size + 1)
+    for d in range(1, int(depths.max(initial=0)) + 1):  # parents are one level up, done already
+        level = depths == d
+        out[level] = out[parents[level]] * rate[level]
+    return out
+
+
 class AcceptanceCalibrator:
     """Calibrated path probabilities from observed acceptance (a reliability map, learned online).
 
@@ -129,14 +155,8 @@ class AcceptanceCalibrator:
 
     def calibrate(self, tree: Tree) -> np.ndarray:
         """Calibrated path probabilities of every node (root = 1), parents before children. [n+1]"""
-        group, qbin, parents = self._cells(tree)
-        rate = np.concatenate([[1.0], self.rates()[group, qbin]])  # [n+1]
-        depths = tree.depths.cpu().numpy()
-        out = np.ones(tree.size + 1)
-        for d in range(1, int(depths.max(initial=0)) + 1):  # parents are one level up, done already
-            level = depths == d
-            out[level] = out[parents[level]] * rate[level]
-        return out
+        group, qbin, _ = self._cells(tree)
+        return path_probs(tree, self.rates()[group, qbin])
 
     def update(self, tree: Tree, path: torch.Tensor, q: np.ndarray | None = None) -> None:
         """After verification: every node whose parent was accepted is one trial of its cell
@@ -458,7 +478,7 @@ class TreeSizer:
     def calibrate_sources(self, tree: Tree, sources: range | None = None) -> np.ndarray:
         """Calibrated path probabilities of a tree whose nodes carry per-source own probabilities:
         a node's rate is the best of its sources' calibrated rates (a node two sources propose
-        is one node with the better estimate), a path's the product of its nodes'. sources:
+        is one node with the better estimate); see `path_probs` for siblings and paths. sources:
         only these entries of tree.SOURCES (a node none of them proposed gets 0). [n+1]"""
         own = tree.own.float().cpu().numpy()[1:]  # [n, S]
         rates = np.full(own.shape, -1.0)
@@ -468,13 +488,7 @@ class TreeSizer:
             have = ~np.isnan(own[:, s])
             if have.any():
                 rates[have, s] = cal.node_rates(tree, own[:, s])[have]
-        rate = np.concatenate([[1.0], rates.max(axis=1).clip(min=0.0)])
-        parents, depths = tree.parents.cpu().numpy(), tree.depths.cpu().numpy()
-        out = np.ones(tree.size + 1)
-        for d in range(1, int(depths.max(initial=0)) + 1):
-            level = depths == d
-            out[level] = out[parents[level]] * rate[level]
-        return out
+        return path_probs(tree, rates.max(axis=1).clip(min=0.0))
 
     def choose(self, tree: Tree, context: int, drafted: bool = True) -> Tree:
         """Prune the drafted tree to the size this method picks. drafted: the drafter ran this

@@ -232,3 +232,32 @@ def test_sizer_learns_what_the_drafter_adds_to_a_sure_lookup_draft():
             sizer.observe(merged, torch.tensor([0]), 1, 100, 12.0, 0.1)
     assert runs[:3] == [True] * 3 and runs.count(False) >= 7  # measured, then skipped but for probes
     assert sizer.state()["drafter_worth"]["weight"][-1] > 0
+
+
+def test_exclusive_rates_scale_siblings_that_promise_more_than_one_token():
+    from quanttree.policy import exclusive_rates
+
+    parents = np.array([-1, 0, 0, 0, 1, 4, 4])
+    rate = np.array([1.0, 0.5, 0.9, 0.6, 0.8, 0.2, 0.3])  # root's children sum to 2.0; node 4's to 0.5
+    np.testing.assert_allclose(exclusive_rates(parents, rate), [1.0, 0.25, 0.45, 0.3, 0.8, 0.2, 0.3])
+
+
+def test_sibling_rates_from_several_sources_never_promise_more_than_one_token():
+    """Three sources each sure of a different next token: at most one can be accepted, so the
+    calibrated path probabilities of the siblings sum to 1, not 2.7; a lone chain keeps its rates."""
+    from quanttree.policy import path_probs
+
+    look = with_source(lookup_tree([Continuation((5, 6), 1, 3)], root=0, budget=4), SOURCES.index("lookup-3+"))
+    corpus = with_source(lookup_tree([Continuation((7,), 1, 5)], root=0, budget=4), corpus_source(5))
+    other = with_source(lookup_tree([Continuation((8,), 1, 1)], root=0, budget=4), SOURCES.index("lookup-1"))
+    merged, _ = merge_trees(look, corpus)
+    merged, _ = merge_trees(merged, other)
+    rate = np.full(merged.size, 0.9)
+    path = path_probs(merged, rate)
+    depth1 = merged.depths.numpy() == 1
+    assert depth1.sum() == 3
+    assert path[depth1].sum() == pytest.approx(1.0)
+    second = int(np.nonzero(merged.tokens.numpy() == 6)[0][0])  # only child of token 5: rate kept
+    assert path[second] == pytest.approx(path[int(merged.parents[second])] * 0.9)
+    chain = look
+    np.testing.assert_allclose(path_probs(chain, np.array([0.9, 0.5])), [1.0, 0.9, 0.45])
