@@ -18,6 +18,20 @@ def humaneval_prompts(n: int, offset: int = 0) -> list[str]:
     return humaneval(n, offset)
 
 
+def suite_prompts(n: int) -> list[tuple[str, str]]:
+    """(suite, prompt) pairs: n chat prompts, then n HumanEval prompts."""
+    return [("chat", p) for p in chat_prompts(n)] + [("humaneval", p) for p in humaneval_prompts(n)]
+
+
+def warmed_engine(quant: str):
+    """The embedded target in `quant` on the CPU, its cost profile and warm-up done (if not cached)."""
+    import quanttree
+
+    engine = quanttree.load("smollm2-135m", quant=quant, device="cpu")
+    engine.generate("Say hi.", method="auto", max_new_tokens=8)
+    return engine
+
+
 def machine() -> dict:
     import torch
 

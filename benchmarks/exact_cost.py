@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import chat_prompts, humaneval_prompts, write_results  # noqa: E402
+from common import suite_prompts, write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -56,8 +56,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=8)
     ap.add_argument("--name", default="exact_cost")
     args = ap.parse_args()
-    prompts = [("chat", p) for p in chat_prompts(args.prompts)] + \
-              [("humaneval", p) for p in humaneval_prompts(args.prompts)]
+    prompts = suite_prompts(args.prompts)
     rows = []
     for quant in args.quant.split(","):
         engine = quanttree.load("smollm2-135m", quant=quant, exact=False, log=lambda *_: None)

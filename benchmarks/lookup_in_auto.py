@@ -19,9 +19,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import chat_prompts, humaneval_prompts, write_results  # noqa: E402
+from common import suite_prompts, warmed_engine, write_results  # noqa: E402
 
-import quanttree  # noqa: E402
 import quanttree.decode as decode  # noqa: E402
 from quanttree.policy import DrafterWorth  # noqa: E402
 
@@ -48,12 +47,10 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--name", default="lookup_in_auto")
     args = ap.parse_args()
-    prompts = [("chat", p) for p in chat_prompts(args.prompts)] + \
-              [("humaneval", p) for p in humaneval_prompts(args.prompts)]
+    prompts = suite_prompts(args.prompts)
     rows = []
     for quant in args.quant.split(","):
-        engine = quanttree.load("smollm2-135m", quant=quant, device="cpu")
-        engine.generate("Say hi.", method="auto", max_new_tokens=8)  # the cost profile and warm-up, if not cached
+        engine = warmed_engine(quant)
         for suite, prompt in prompts:
             ar = engine.generate(prompt, method="ar", max_new_tokens=args.max_new_tokens)
             for method, budget, depth, worth in ARMS:

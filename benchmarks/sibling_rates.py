@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import chat_prompts, humaneval_prompts, write_results  # noqa: E402
+from common import suite_prompts, warmed_engine, write_results  # noqa: E402
 
-import quanttree  # noqa: E402
 import quanttree.policy as policy  # noqa: E402
 
 RULES = ("proportional", "best first", "none")
@@ -69,12 +68,10 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--name", default="sibling_rates")
     args = ap.parse_args()
-    prompts = [("chat", p) for p in chat_prompts(args.prompts)] + \
-              [("humaneval", p) for p in humaneval_prompts(args.prompts)]
+    prompts = suite_prompts(args.prompts)
     rows = []
     for quant in args.quant.split(","):
-        engine = quanttree.load("smollm2-135m", quant=quant, device="cpu")
-        engine.generate("Say hi.", method="auto", max_new_tokens=8)  # the cost profile and warm-up, if not cached
+        engine = warmed_engine(quant)
         for rep in range(args.repeats):
             for i, (suite, prompt) in enumerate(prompts):
                 ar = engine.generate(prompt, method="ar", max_new_tokens=args.max_new_tokens)
