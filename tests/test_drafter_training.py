@@ -65,6 +65,34 @@ def test_cache_build_resumes_and_refuses_another_build(tiny_engine, tmp_path):
         build_cache(tiny_engine.target, seqs, path, (0, 1), top_k=4, log=lambda *_: None)
 
 
+def test_a_killed_cache_build_resumes_after_its_last_window_and_equals_a_fresh_one(tiny_engine, tmp_path,
+                                                                                   monkeypatch):
+    import quanttree.train.features as features
+
+    seqs = sequences(3, 30) + sequences(3, 12, seed=2)  # lengths differ: each window is sorted
+    fresh = build_cache(tiny_engine.target, seqs, tmp_path / "f", LAYERS, top_k=4, window=4, tokens_per_batch=40,
+                        log=lambda *_: None)
+    real, calls = features.target_outputs, []
+
+    def dies_in_the_second_window(target, batch, layers, top_k):
+        calls.append(len(batch))
+        if sum(calls) > 4:
+            raise KeyboardInterrupt
+        return real(target, batch, layers, top_k)
+
+    monkeypatch.setattr(features, "target_outputs", dies_in_the_second_window)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(tiny_engine.target, seqs, tmp_path / "k", LAYERS, top_k=4, window=4, tokens_per_batch=40,
+                    log=lambda *_: None)
+    assert features.open_cache(tmp_path / "k").done == 4  # the first window is kept
+    monkeypatch.setattr(features, "target_outputs", real)
+    resumed = build_cache(tiny_engine.target, seqs, tmp_path / "k", LAYERS, top_k=4, window=4, tokens_per_batch=40,
+                          log=lambda *_: None)
+    for i in range(len(seqs)):
+        assert torch.equal(resumed.feature_rows(i), fresh.feature_rows(i))
+        assert torch.equal(resumed.soft_labels(i)[0], fresh.soft_labels(i)[0])
+
+
 def test_cache_grows_with_new_data_and_keeps_what_it_wrote(tiny_engine, tmp_path):
     seqs = sequences(5, 24)
     grown = build_cache(tiny_engine.target, seqs[:3], tmp_path / "g", LAYERS, top_k=4, log=lambda *_: None)
