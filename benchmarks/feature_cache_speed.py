@@ -3,9 +3,10 @@
 Times the target pass that fills the cache (`features.target_outputs`: features of the drafter's
 layers and top-32 soft labels) over the first sequences of the committed training pack, three
 ways, arms interleaved per chunk so the CPU's drift hits each alike:
-  before:  exact mode's row-exact attention, batches cut in data order (the build until session 13)
-  stock:   transformers' own attention, data order
-  sorted:  transformers' own attention, each window of sequences sorted by length (the build now)
+  before:        batches cut in data order (the build until session 13)
+  sorted:        each window of sequences sorted by length before it is cut (the build now)
+  sorted+stock:  sorted, and transformers' own attention instead of exact mode's
+The target is loaded as training loads it (bf16, exact mode on).
 Reported as tokens/s and as the ratio to `before`, measured side by side in one run.
 
     python benchmarks/feature_cache_speed.py --sequences 384
@@ -45,15 +46,15 @@ def main() -> None:
     lengths = [len(s) for s in seqs]
 
     def run(arm: str, chunk: range) -> float:
-        order = sorted(chunk, key=lambda i: lengths[i]) if arm == "sorted" else list(chunk)
-        attention = contextlib.nullcontext() if arm == "before" else target.stock_attention()
+        order = sorted(chunk, key=lambda i: lengths[i]) if arm.startswith("sorted") else list(chunk)
+        attention = target.stock_attention() if arm.endswith("stock") else contextlib.nullcontext()
         t0 = time.perf_counter()
         with attention:
             for batch in cut_batches(order, lengths, args.tokens_per_batch):
                 target_outputs(target, [seqs[i] for i in batch], layers, 32)
         return time.perf_counter() - t0
 
-    arms = ("before", "stock", "sorted")
+    arms = ("before", "sorted", "sorted+stock")
     seconds = {a: 0.0 for a in arms}
     chunks = [range(s, min(s + 128, len(seqs))) for s in range(0, len(seqs), 128)]
     with torch.inference_mode():

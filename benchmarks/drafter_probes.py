@@ -1,0 +1,97 @@
+"""auto's drafter probes: back off while the drafter does not pay, or probe every 8th skipped round.
+
+Next to the corpus the drafter rarely pays (benchmarks/results/study: `auto` 0.90-1.07x `lookup`),
+and every probe costs a drafter pass plus catching up on the features of the rounds it skipped.
+Three arms side by side on one loaded model (arms rotate per prompt and repeat):
+- lookup: n-gram drafts alone (no drafter);
+- auto, back-off (shipped): `DrafterWorth` doubles a bin's probe interval, 8 -> 64 skipped rounds,
+  while the drafter measures not worth its pass there;
+- auto, every 8: the previous rule (the interval capped at 8).
+Reports decode tokens/s as a ratio to the plain run of the same prompt, paired ratios, tau, and
+the drafter's time per round.
+
+    python benchmarks/drafter_probes.py --quant nf4,bf16 --prompts 4 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import suite_prompts, warmed_engine, write_results  # noqa: E402
+
+import quanttree.policy as policy  # noqa: E402
+
+ARMS = (("lookup", 0), ("auto", 64), ("auto", 8))
+
+
+@contextlib.contextmanager
+def probe_cap(cap: int):
+    """DrafterWorth's probe interval capped at `cap` for one run (an ablation; restored after)."""
+    saved = policy.DrafterWorth.worth
+
+    def worth(self, p: float, price: float) -> bool:
+        self.max_probe_every = cap
+        self.every = np.minimum(self.every, cap)
+        return saved(self, p, price)
+
+    policy.DrafterWorth.worth = worth
+    try:
+        yield
+    finally:
+        policy.DrafterWorth.worth = saved
+
+
+def paired(a: list[dict], b: list[dict]) -> str:
+    ratios = [x["speedup"] / y["speedup"] for x, y in zip(a, b)]
+    return f"{statistics.mean(ratios):.3f} ±{statistics.stdev(ratios) / len(ratios) ** 0.5:.3f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quant", default="nf4,bf16")
+    ap.add_argument("--prompts", type=int, default=4, help="per suite")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    args = ap.parse_args()
+    prompts = suite_prompts(args.prompts)
+    rows = []
+    for quant in args.quant.split(","):
+        engine = warmed_engine(quant)
+        for rep in range(args.repeats):
+            for i, (suite, prompt) in enumerate(prompts):
+                ar = engine.generate(prompt, method="ar", max_new_tokens=args.max_new_tokens)
+                k = (i + rep) % len(ARMS)
+                for method, cap in ARMS[k:] + ARMS[:k]:  # no arm always runs first
+                    with probe_cap(cap) if cap else contextlib.nullcontext():
+                        out = engine.generate(prompt, method=method, max_new_tokens=args.max_new_tokens)
+                    s = out.stats
+                    rows.append({"quant": quant, "suite": suite, "prompt": i, "rep": rep, "method": method,
+                                 "cap": cap, "speedup": s.decode_tokens_per_s / ar.stats.decode_tokens_per_s,
+                                 "tau": s.tau, "draft_ms": 1000 * s.times.draft / max(s.rounds, 1),
+                                 "exact": out.token_ids == ar.token_ids})
+            print(quant, "repeat", rep, "done", flush=True)
+    lines = ["| quant | suite | back-off vs every 8 (paired) | back-off vs lookup (paired) | every 8 vs lookup (paired) | "
+             "speedup vs plain: lookup / back-off / every 8 | drafter ms per round: back-off / every 8 | greedy == plain |",
+             "|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["quant"], r["suite"], r["cap"]), []).append(r)
+    for quant, suite in sorted({(r["quant"], r["suite"]) for r in rows}):
+        look, back, eight = (groups[(quant, suite, cap)] for cap in (0, 64, 8))
+        mean = lambda rs, key: statistics.mean(r[key] for r in rs)  # noqa: E731
+        lines.append(f"| {quant} | {suite} | {paired(back, eight)} | {paired(back, look)} | {paired(eight, look)} | "
+                     f"{mean(look, 'speedup'):.2f}x / {mean(back, 'speedup'):.2f}x / {mean(eight, 'speedup'):.2f}x | "
+                     f"{mean(back, 'draft_ms'):.2f} / {mean(eight, 'draft_ms'):.2f} | "
+                     f"{sum(r['exact'] for r in look + back + eight)}/{len(look + back + eight)} |")
+    print(write_results("drafter_probes", "python " + " ".join(sys.argv), "\n".join(lines), rows))
+
+
+if __name__ == "__main__":
+    main()
