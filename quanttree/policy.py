@@ -209,22 +209,17 @@ class DrafterWorth:
     the accepted path's lookup-proposed prefix (what lookup's nodes alone would have stopped
     at), minus the verify time the drafter-only nodes cost, in tokens at the current rate. Where
     that is below the drafter pass's own price (rate * draft ms) the round verifies lookup's
-    nodes alone; after `probe_every` such rounds one drafts anyway, so the estimate follows the
-    drafter and the text, the interval doubling (to `max_probe_every`) while the bin's answer
-    stays no: next to a corpus the drafter rarely pays (benchmarks/results/study), and each probe
-    costs a pass plus catching up on the features of the rounds it skipped. Until a bin has
-    `min_samples` rounds, and where lookup proposes nothing, the drafter runs."""
+    nodes alone; every `probe_every`-th such round drafts anyway, so the estimate follows the
+    drafter and the text. Until a bin has `min_samples` rounds, and where lookup proposes
+    nothing, the drafter runs."""
 
     EDGES = np.array([0.5, 0.7, 0.8, 0.9, 0.95])
 
-    def __init__(self, decay: float = 0.95, min_samples: float = 3.0, probe_every: int = 8,
-                 max_probe_every: int = 64):
+    def __init__(self, decay: float = 0.95, min_samples: float = 3.0, probe_every: int = 8):
         self.sum = np.zeros(self.EDGES.size + 1)
         self.weight = np.zeros(self.EDGES.size + 1)
         self.skips = np.zeros(self.EDGES.size + 1, dtype=int)
-        self.every = np.full(self.EDGES.size + 1, probe_every)  # per bin: skipped rounds before a probe
         self.decay, self.min_samples, self.probe_every = decay, min_samples, probe_every
-        self.max_probe_every = max_probe_every
 
     @classmethod
     def bin(cls, p: float) -> int:
@@ -235,14 +230,9 @@ class DrafterWorth:
         time would buy at the current rate."""
         b = self.bin(p)
         if self.weight[b] < self.min_samples or self.sum[b] / self.weight[b] > price:
-            self.every[b], self.skips[b] = self.probe_every, 0
             return True
         self.skips[b] += 1
-        if self.skips[b] < self.every[b]:
-            return False
-        self.skips[b] = 0
-        self.every[b] = min(2 * self.every[b], self.max_probe_every)
-        return True
+        return self.skips[b] % self.probe_every == 0
 
     def observe(self, p: float, added: float) -> None:
         b = self.bin(p)

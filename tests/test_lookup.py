@@ -185,19 +185,10 @@ def test_drafter_worth_skips_the_pass_only_where_it_measured_no_gain():
     for _ in range(5):
         worth.observe(0.99, added=0.05)  # lookup sure: the drafter added 0.05 tokens a round
         worth.observe(0.3, added=0.9)  # lookup unsure: the drafter's nodes carried the round
-    decisions = [worth.worth(0.99, price=0.3) for _ in range(36)]
-    probes = [i for i, d in enumerate(decisions) if d]  # only the probes draft, ever more rarely
-    assert probes == [3, 11, 27]
+    decisions = [worth.worth(0.99, price=0.3) for _ in range(8)]
+    assert decisions.count(True) == 2 and decisions[3] and decisions[7]  # only the probes draft
     assert worth.worth(0.99, price=0.01)  # a cheap pass pays for its 0.05 tokens
     assert all(worth.worth(0.3, price=0.3) for _ in range(8))  # measured worth its price
-    worth = DrafterWorth(probe_every=4, max_probe_every=8)
-    for _ in range(5):
-        worth.observe(0.99, added=0.05)
-    decisions = [worth.worth(0.99, price=0.3) for _ in range(28)]
-    assert [i for i, d in enumerate(decisions) if d] == [3, 11, 19, 27]  # the interval stops at its cap
-    for _ in range(40):
-        worth.observe(0.99, added=0.6)  # the text changed: the drafter pays again
-    assert worth.worth(0.99, price=0.3) and worth.every[worth.bin(0.99)] == 4  # back to probing often
     assert worth.worth(0.75, price=0.3)  # another bin: not measured yet
 
 
