@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -59,3 +60,33 @@ def chat_prompts(n: int | None = None) -> list[str]:
     from quanttree.bench import chat
 
     return chat(n)
+
+
+def add_paired_args(ap) -> None:
+    """The options of an A/B benchmark run by `paired_runs`."""
+    ap.add_argument("--quant", default="nf4,bf16")
+    ap.add_argument("--prompts", type=int, default=4, help="per suite")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+
+
+def paired_runs(args, arms: tuple, run):
+    """Per mode (one warmed engine), repeat and suite prompt: plain decoding, then every arm, in an
+    order rotated per prompt and repeat so no arm always runs first. run(engine, prompt, arm) ->
+    Result. Yields (quant, suite, prompt index, repeat, arm, result, plain result)."""
+    prompts = suite_prompts(args.prompts)
+    for quant in args.quant.split(","):
+        engine = warmed_engine(quant)
+        for rep in range(args.repeats):
+            for i, (suite, prompt) in enumerate(prompts):
+                ar = engine.generate(prompt, method="ar", max_new_tokens=args.max_new_tokens)
+                k = (i + rep) % len(arms)
+                for arm in arms[k:] + arms[:k]:
+                    yield quant, suite, i, rep, arm, run(engine, prompt, arm), ar
+            print(quant, "repeat", rep, "done", flush=True)
+
+
+def paired_ratio(a: list[dict], b: list[dict], key: str = "speedup") -> str:
+    """Mean ± standard error of the per-run ratios a/b (runs paired by position)."""
+    ratios = [x[key] / y[key] for x, y in zip(a, b)]
+    return f"{statistics.mean(ratios):.3f} ±{statistics.stdev(ratios) / len(ratios) ** 0.5:.3f}"

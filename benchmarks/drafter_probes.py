@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import suite_prompts, warmed_engine, write_results  # noqa: E402
+from common import add_paired_args, paired_ratio, paired_runs, write_results  # noqa: E402
 
 import quanttree.policy as policy  # noqa: E402
 
@@ -62,35 +62,22 @@ def backing_off():
         policy.DrafterWorth.worth = saved
 
 
-def paired(a: list[dict], b: list[dict]) -> str:
-    ratios = [x["speedup"] / y["speedup"] for x, y in zip(a, b)]
-    return f"{statistics.mean(ratios):.3f} ±{statistics.stdev(ratios) / len(ratios) ** 0.5:.3f}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quant", default="nf4,bf16")
-    ap.add_argument("--prompts", type=int, default=4, help="per suite")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    add_paired_args(ap)
     args = ap.parse_args()
-    prompts = suite_prompts(args.prompts)
+
+    def run(engine, prompt: str, arm: tuple):
+        method, cap = arm
+        with backing_off() if cap == 64 else contextlib.nullcontext():
+            return engine.generate(prompt, method=method, max_new_tokens=args.max_new_tokens)
+
     rows = []
-    for quant in args.quant.split(","):
-        engine = warmed_engine(quant)
-        for rep in range(args.repeats):
-            for i, (suite, prompt) in enumerate(prompts):
-                ar = engine.generate(prompt, method="ar", max_new_tokens=args.max_new_tokens)
-                k = (i + rep) % len(ARMS)
-                for method, cap in ARMS[k:] + ARMS[:k]:  # no arm always runs first
-                    with backing_off() if cap == 64 else contextlib.nullcontext():
-                        out = engine.generate(prompt, method=method, max_new_tokens=args.max_new_tokens)
-                    s = out.stats
-                    rows.append({"quant": quant, "suite": suite, "prompt": i, "rep": rep, "method": method,
-                                 "cap": cap, "speedup": s.decode_tokens_per_s / ar.stats.decode_tokens_per_s,
-                                 "tau": s.tau, "draft_ms": 1000 * s.times.draft / max(s.rounds, 1),
-                                 "exact": out.token_ids == ar.token_ids})
-            print(quant, "repeat", rep, "done", flush=True)
+    for quant, suite, i, rep, (method, cap), out, ar in paired_runs(args, ARMS, run):
+        s = out.stats
+        rows.append({"quant": quant, "suite": suite, "prompt": i, "rep": rep, "method": method, "cap": cap,
+                     "speedup": s.decode_tokens_per_s / ar.stats.decode_tokens_per_s, "tau": s.tau,
+                     "draft_ms": 1000 * s.times.draft / max(s.rounds, 1), "exact": out.token_ids == ar.token_ids})
     lines = ["| quant | suite | back-off vs every 8 (paired) | back-off vs lookup (paired) | every 8 vs lookup (paired) | "
              "speedup vs plain: lookup / back-off / every 8 | drafter ms per round: back-off / every 8 | greedy == plain |",
              "|---|---|---|---|---|---|---|---|"]
@@ -100,7 +87,7 @@ def main() -> None:
     for quant, suite in sorted({(r["quant"], r["suite"]) for r in rows}):
         look, back, eight = (groups[(quant, suite, cap)] for cap in (0, 64, 8))
         mean = lambda rs, key: statistics.mean(r[key] for r in rs)  # noqa: E731
-        lines.append(f"| {quant} | {suite} | {paired(back, eight)} | {paired(back, look)} | {paired(eight, look)} | "
+        lines.append(f"| {quant} | {suite} | {paired_ratio(back, eight)} | {paired_ratio(back, look)} | {paired_ratio(eight, look)} | "
                      f"{mean(look, 'speedup'):.2f}x / {mean(back, 'speedup'):.2f}x / {mean(eight, 'speedup'):.2f}x | "
                      f"{mean(back, 'draft_ms'):.2f} / {mean(eight, 'draft_ms'):.2f} | "
                      f"{sum(r['exact'] for r in look + back + eight)}/{len(look + back + eight)} |")

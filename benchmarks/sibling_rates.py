@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import suite_prompts, warmed_engine, write_results  # noqa: E402
+from common import add_paired_args, paired_ratio, paired_runs, write_results  # noqa: E402
 
 import quanttree.policy as policy  # noqa: E402
 
@@ -62,31 +62,24 @@ def sibling_rule(rule: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quant", default="nf4,bf16")
-    ap.add_argument("--prompts", type=int, default=4, help="per suite")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    add_paired_args(ap)
     ap.add_argument("--name", default="sibling_rates")
     args = ap.parse_args()
-    prompts = suite_prompts(args.prompts)
+
+    def run(engine, prompt: str, arm: tuple):
+        method, rule = arm
+        with sibling_rule(rule):
+            return engine.generate(prompt, method=method, max_new_tokens=args.max_new_tokens)
+
     rows = []
-    for quant in args.quant.split(","):
-        engine = warmed_engine(quant)
-        for rep in range(args.repeats):
-            for i, (suite, prompt) in enumerate(prompts):
-                ar = engine.generate(prompt, method="ar", max_new_tokens=args.max_new_tokens)
-                k = (i + rep) % len(ARMS)
-                for method, rule in ARMS[k:] + ARMS[:k]:  # no arm always runs first
-                    with sibling_rule(rule):
-                        out = engine.generate(prompt, method=method, max_new_tokens=args.max_new_tokens)
-                    s = out.stats
-                    rows.append({"quant": quant, "suite": suite, "prompt": i, "rep": rep, "method": method,
-                                 "rule": rule, "speedup": s.decode_tokens_per_s / ar.stats.decode_tokens_per_s,
-                                 "tau": s.tau, "nodes": s.mean_tree_size,
-                                 "predicted": statistics.mean(s.predicted) if s.predicted else 0.0,
-                                 "observed": statistics.mean(s.observed) if s.observed else 0.0,
-                                 "exact": out.token_ids == ar.token_ids})
-            print(quant, "repeat", rep, "done", flush=True)
+    for quant, suite, i, rep, (method, rule), out, ar in paired_runs(args, ARMS, run):
+        s = out.stats
+        rows.append({"quant": quant, "suite": suite, "prompt": i, "rep": rep, "method": method,
+                     "rule": rule, "speedup": s.decode_tokens_per_s / ar.stats.decode_tokens_per_s,
+                     "tau": s.tau, "nodes": s.mean_tree_size,
+                     "predicted": statistics.mean(s.predicted) if s.predicted else 0.0,
+                     "observed": statistics.mean(s.observed) if s.observed else 0.0,
+                     "exact": out.token_ids == ar.token_ids})
     lines = ["| quant | suite | method | sibling rule | speedup vs plain | vs rule none (paired) | tau | "
              "nodes per round | predicted / observed accepted per round | greedy == plain |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -95,9 +88,7 @@ def main() -> None:
         groups.setdefault((r["quant"], r["suite"], r["method"], r["rule"]), []).append(r)
     for (quant, suite, method, rule), rs in sorted(groups.items()):
         base = groups[(quant, suite, method, "none")]
-        ratios = [a["speedup"] / b["speedup"] for a, b in zip(rs, base)]
-        paired = f"{statistics.mean(ratios):.3f} ±{statistics.stdev(ratios) / len(ratios) ** 0.5:.3f}" \
-            if rule != "none" and len(ratios) > 1 else ""
+        paired = paired_ratio(rs, base) if rule != "none" and len(rs) > 1 else ""
         lines.append(f"| {quant} | {suite} | {method} | {rule} | "
                      f"{statistics.mean(r['speedup'] for r in rs):.2f}x | {paired} | "
                      f"{statistics.mean(r['tau'] for r in rs):.2f} | {statistics.mean(r['nodes'] for r in rs):.1f} | "
