@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=2000, help="optimizer steps in total")
     train.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this long")
     train.add_argument("--layers", type=int, default=2, help="drafter layers")
+    train.add_argument("--grow-layers", type=int, default=0,
+                       help="with --init-from: append this many layers (they start as the identity)")
     train.add_argument("--block-size", type=int, default=16)
     train.add_argument("--draft-vocab", type=int, default=8192, help="frequency-ranked draft vocabulary (0 = full)")
     train.add_argument("--anchors", type=int, default=64, help="blocks per sequence")
@@ -243,6 +245,7 @@ def cmd_train_drafter(args) -> int:
                           gamma=args.gamma, variable_prefix=args.variable_prefix, distill=args.distill,
                           init=args.init, feature_layers=args.feature_layers, mask_token_id=args.mask_token_id,
                           fc_init=args.fc_init, eval_every=args.eval_every, refresh_vocab=args.refresh_vocab,
+                          grow_layers=args.grow_layers,
                           init_from=str(resolve_drafter_dir(args.init_from)) if args.init_from else None)
         if args.stage == "features":
             run_features_stage(engine, paths, training_layers(engine.target, cfg))

@@ -166,6 +166,33 @@ def test_one_sequence_is_learned_alike_in_training_and_decoding(tiny_engine, tmp
     assert wrong == 0
 
 
+def test_a_grown_drafter_starts_as_its_source_and_trains_its_new_layer(tiny_engine, tmp_path):
+    """--grow-layers: appended layers start as the identity (the grown drafter's loss equals its
+    source's), then learn; the export loads with the extra layer."""
+    cache = build_cache(tiny_engine.target, sequences(4, 30), tmp_path / "f", LAYERS, top_k=4, log=lambda *_: None)
+    base = dict(block_size=4, feature_layers=LAYERS, draft_vocab=0, anchors=5, eval_every=10**6,
+                ckpt_every=10**6, bf16_autocast=False)
+    source = Trainer(tiny_engine.target, cache, TrainConfig(num_layers=1, steps=3, init="random", **base),
+                     tmp_path / "a", log=lambda *_: None)
+    source.train()
+    src_dir = source.export(tmp_path / "src", dtype=torch.float32)
+    grown = Trainer(tiny_engine.target, cache, TrainConfig(steps=6, init_from=str(src_dir), grow_layers=1, **base),
+                    tmp_path / "b", log=lambda *_: None)
+    assert len(grown.drafter.layers) == 2
+    i = grown.train_ids[0]
+    want, _ = source.sequence_loss(i, torch.Generator().manual_seed(3))
+    got, _ = grown.sequence_loss(i, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got, want)
+    grown.train()
+    assert grown.drafter.layers[1].self_attn.o_proj.weight.abs().sum() > 0
+    out = grown.export(tmp_path / "g", dtype=torch.float32)
+    engine = quanttree.load(tiny_engine.loaded.path, drafter=str(out), quant="fp32", device="cpu")
+    assert engine.drafter.config.num_hidden_layers == 2
+    with pytest.raises(ValueError, match="init-from"):
+        Trainer(tiny_engine.target, cache, TrainConfig(num_layers=1, grow_layers=1, **base), tmp_path / "c",
+                log=lambda *_: None)
+
+
 def test_ngram_baselines():
     seq = np.array([5, 6, 7, 5, 6, 8, 5, 6])
     assert lookup_next(seq, 7) == 8 and lookup_next(seq, 4) == 7 and lookup_next(seq, 2) is None

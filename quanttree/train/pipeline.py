@@ -133,6 +133,7 @@ def run_features_stage(engine, paths: TrainPaths, layers: tuple[int, ...], top_k
     from .features import build_cache, open_cache, order_like_cache
 
     where = paths.work / "features"
+    unpack_committed_data(engine, paths)  # a fresh work dir starts from the committed data pack
     sequences = order_like_cache(where, load_shards(paths.data))
     if (where / "meta.json").exists():
         cache = open_cache(where)
@@ -153,9 +154,6 @@ def run_train_stage(engine, paths: TrainPaths, cfg, out: Path, minutes: float | 
     """Train (resuming from the last checkpoint) on the cached features and export the drafter to `out`."""
     from .trainer import Trainer
 
-    unpack_committed_data(engine, paths)
-    if not any(paths.data.glob("shard-*.npz")) and not (paths.work / "features" / "meta.json").exists():
-        raise QuanttreeError(f"no training data in {paths.data}: run `quanttree train-drafter --stage data` first")
     cache = run_features_stage(engine, paths, training_layers(engine.target, cfg))
     log = logger(paths)
     log(f"train: {len(cache)} sequences, features of target layers {list(cache.layers)}")

@@ -54,6 +54,7 @@ class TrainConfig:
     prefix_decay: float = 0.9
     bf16_autocast: bool = True  # drafter matmuls in bf16, fp32 master weights
     init_from: str | None = None  # start from this drafter dir (its shape and draft vocabulary win)
+    grow_layers: int = 0  # with init_from: append this many layers that start as the identity
     refresh_vocab: bool = False  # with init_from: pick the draft vocabulary from this run's data instead
     mask_token_id: int | None = None  # a target vocabulary token as the mask (None: a learned mask embedding)
 
@@ -133,16 +134,46 @@ def init_from_target(drafter: DFlashDrafter, target_model) -> None:
             drafter.mask_embedding.normal_(0.0, 0.02)
 
 
-def start_from_drafter(path: Path, target: Target) -> tuple[DFlashDrafter, torch.Tensor | None]:
-    """A trained drafter as the starting point (for example the DFlash drafter for a VP drafter):
-    fp32 weights with a mask embedding, and its draft vocabulary."""
+def grown_config(cfg, extra: int):
+    """`cfg` with `extra` more layers (each new layer attends like the last one)."""
+    if extra < 0:
+        raise ValueError(f"cannot grow a drafter by {extra} layers")
+    types = cfg.layer_types + (cfg.layer_types[-1:] * extra if cfg.layer_types else ())
+    return replace(cfg, num_hidden_layers=cfg.num_hidden_layers + extra, layer_types=types)
+
+
+def init_identity_layers(drafter: DFlashDrafter, first: int, target_model) -> None:
+    """Layers `first`.. start as copies of the target's last layer with their two output
+    projections zeroed: each adds nothing to the residual stream, so the grown drafter computes
+    exactly what it did before growing, and training moves them from there."""
+    src = target_model.model.layers[-1]
+    with torch.no_grad():
+        for dst in drafter.layers[first:]:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                getattr(dst.self_attn, name).weight.copy_(getattr(src.self_attn, name).weight.float())
+            for name in ("gate_proj", "up_proj"):
+                getattr(dst.mlp, name).weight.copy_(getattr(src.mlp, name).weight.float())
+            dst.input_layernorm.weight.copy_(src.input_layernorm.weight.float())
+            dst.post_attention_layernorm.weight.copy_(src.post_attention_layernorm.weight.float())
+            dst.self_attn.o_proj.weight.zero_()
+            dst.mlp.down_proj.weight.zero_()
+
+
+def start_from_drafter(path: Path, target: Target, grow: int = 0) -> tuple[DFlashDrafter, torch.Tensor | None]:
+    """A trained drafter as the starting point (for example the DFlash drafter for a VP drafter, or
+    for a deeper drafter with `grow` identity layers appended): fp32 weights with a mask
+    embedding, and its draft vocabulary."""
     cfg, tensors = read_drafter(path)
     check_fits_target(cfg, target.model.config, True)  # a mask embedding is trained if absent
-    drafter = DFlashDrafter(cfg, with_mask_embedding=True).float()
-    missing = set(drafter.state_dict()) - set(tensors)
+    drafter = DFlashDrafter(grown_config(cfg, grow), with_mask_embedding=True).float()
+    new = {k for k in drafter.state_dict()
+           if k.startswith("layers.") and int(k.split(".")[1]) >= cfg.num_hidden_layers}
+    missing = set(drafter.state_dict()) - set(tensors) - new
     if missing - {"mask_embedding"}:
         raise ValueError(f"{path} lacks drafter tensors {sorted(missing)[:5]}")
     drafter.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    if grow:
+        init_identity_layers(drafter, cfg.num_hidden_layers, target.model)
     if "mask_embedding" in missing:
         with torch.no_grad():
             drafter.mask_embedding.normal_(0.0, 0.02)
@@ -190,7 +221,7 @@ class Trainer:
             raise ValueError("no training sequences")
         torch.manual_seed(cfg.seed)  # the drafter's initialisation depends only on the config
         if cfg.init_from:
-            self.drafter, vocab = start_from_drafter(Path(cfg.init_from), target)
+            self.drafter, vocab = start_from_drafter(Path(cfg.init_from), target, cfg.grow_layers)
             if cfg.refresh_vocab:  # new data (chat after code) brings words the old vocabulary lacks
                 if self.drafter.lm_head is not None:
                     raise ValueError(f"{cfg.init_from} has its own lm_head over its draft vocabulary: "
@@ -200,6 +231,8 @@ class Trainer:
                     if 0 < cfg.draft_vocab < target.vocab_size else None
             self.use_vocab(vocab)
         else:
+            if cfg.grow_layers:
+                raise ValueError("growing layers needs a drafter to start from (--init-from)")
             vocab = target.vocab_size
             responses = [self.response(i) for i in self.train_ids]
             self.use_vocab(draft_vocabulary(responses, cfg.draft_vocab, vocab, eos_ids)
