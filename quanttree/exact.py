@@ -16,9 +16,10 @@ and one single-query call of the same kernel. A forward over an empty cache (the
 prefill, training features) is the same for every method and runs batched.
 
 The price is one attention call per verified row and layer: on this CPU ~50 us each for
-SmolLM2 (300 keys), 1.5-1.9 ms per row per forward; at 32 rows 48 of the 118 ms an nf4 verify
-takes (72 ms with exact mode off). It cannot be batched away: the rows of a chain stacked along the batch dimension, each
-with a mask that hides the keys after its own, give other numbers than the row alone in fp32
+SmolLM2 (300 keys), 1.5-1.9 ms per row per forward; at 32 rows 48 of the 118 ms an nf4
+verify takes (72 ms with exact mode off). It cannot be batched away: the rows of a chain
+stacked along the batch dimension, each with a mask that hides the keys after its own,
+give other numbers than the row alone in fp32
 at every context length tried (5-1,500 keys) and in bf16 at 5, 37, 200 and 1,500 keys (equal
 at 511 and 700 only; bool or additive mask alike; `python benchmarks/exact_rows.py`).
 """
