@@ -115,6 +115,16 @@ def block_context_mask(anchors: torch.Tensor, context_len: int, block: int) -> t
 
 # ---------------------------------------------------------------- model
 
+def copy_target_layer(dst, src) -> None:
+    """Copy one target decoder layer's projections and norms into a drafter layer (as fp32)."""
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        getattr(dst.self_attn, name).weight.copy_(getattr(src.self_attn, name).weight.float())
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        getattr(dst.mlp, name).weight.copy_(getattr(src.mlp, name).weight.float())
+    dst.input_layernorm.weight.copy_(src.input_layernorm.weight.float())
+    dst.post_attention_layernorm.weight.copy_(src.post_attention_layernorm.weight.float())
+
+
 def init_from_target(drafter: DFlashDrafter, target_model) -> None:
     """Start the drafter layers from copies of the target's last layers (same shapes) and its
     final norm from the target's, so drafter logits start on the scale the lm_head expects."""
@@ -122,12 +132,7 @@ def init_from_target(drafter: DFlashDrafter, target_model) -> None:
     src = layers[len(layers) - len(drafter.layers):]
     with torch.no_grad():
         for dst, s in zip(drafter.layers, src):
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                getattr(dst.self_attn, name).weight.copy_(getattr(s.self_attn, name).weight.float())
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                getattr(dst.mlp, name).weight.copy_(getattr(s.mlp, name).weight.float())
-            dst.input_layernorm.weight.copy_(s.input_layernorm.weight.float())
-            dst.post_attention_layernorm.weight.copy_(s.post_attention_layernorm.weight.float())
+            copy_target_layer(dst, s)
         drafter.norm.weight.copy_(target_model.model.norm.weight.float())  # logits on the lm_head's scale
         drafter.fc.weight.normal_(0.0, 0.02)
         if drafter.mask_embedding is not None:
@@ -149,12 +154,7 @@ def init_identity_layers(drafter: DFlashDrafter, first: int, target_model) -> No
     src = target_model.model.layers[-1]
     with torch.no_grad():
         for dst in drafter.layers[first:]:
-            for name in ("q_proj", "k_proj", "v_proj"):
-                getattr(dst.self_attn, name).weight.copy_(getattr(src.self_attn, name).weight.float())
-            for name in ("gate_proj", "up_proj"):
-                getattr(dst.mlp, name).weight.copy_(getattr(src.mlp, name).weight.float())
-            dst.input_layernorm.weight.copy_(src.input_layernorm.weight.float())
-            dst.post_attention_layernorm.weight.copy_(src.post_attention_layernorm.weight.float())
+            copy_target_layer(dst, src)
             dst.self_attn.o_proj.weight.zero_()
             dst.mlp.down_proj.weight.zero_()
 
