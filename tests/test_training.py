@@ -51,6 +51,15 @@ def test_pool_has_no_benchmark_prompts():
         assert not word_grams(prompt) & pool_grams, prompt  # no 8 words in a row shared either
 
 
+def test_committed_self_written_prompts_hold_no_benchmark_text():
+    from quanttree.train.self_prompts import benchmark_text, keep
+
+    packed = Path(__file__).parents[1] / "quanttree" / "data" / "train" / "smollm2-135m-bf16-prompts.json"
+    chunks = json.loads(packed.read_text())["chunks"]
+    prompts = [text for c in chunks for text in c["kept"]]
+    assert len(prompts) > 5000
+    banned = benchmark_text()
+    assert [t for t in prompts if keep(t, banned) != t] == []  # every one passes the filter it was kept by
 
 
 def test_pool_keeps_the_first_data_sets_indices_and_adds_chat():
