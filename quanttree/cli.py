@@ -82,11 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quant", default="auto", choices=QUANT_MODES, help="target mode for data and features")
     train.add_argument("--out", required=True, help="directory for the exported drafter")
     train.add_argument("--work", default=None, help="data, checkpoints and logs (default: under the cache dir)")
-    train.add_argument("--stage", default="all", choices=("prompts", "data", "features", "train", "all"),
+    train.add_argument("--stage", default="all", choices=("prompts", "data", "text", "features", "train", "all"),
                        help="prompts: the target writes user requests itself (added to the data stage's pool); "
-                            "data: target responses; features: cache target features + soft labels; train")
+                            "data: target responses; text: scored Python source (documented standard-library "
+                            "functions; train it with --distill 1.0); features: cache target features + soft "
+                            "labels; train")
     train.add_argument("--prompt-goal", type=int, default=3000, help="prompts: self-written prompts to keep")
-    train.add_argument("--tokens", type=int, default=2_000_000, help="response tokens to generate")
+    train.add_argument("--tokens", type=int, default=2_000_000,
+                       help="data: response tokens to generate; text: answer tokens of scored text")
     train.add_argument("--batch-size", type=int, default=64, help="generation batch size")
     train.add_argument("--max-new-tokens", type=int, default=256, help="response length cap for data")
     train.add_argument("--round", type=int, default=0,
@@ -235,6 +238,11 @@ def cmd_train_drafter(args) -> int:
         return 0
     if args.stage in ("data", "all"):
         run_data_stage(engine, paths, args.tokens, gen)
+    if args.stage == "text":
+        from .train.pipeline import run_text_stage
+
+        run_text_stage(engine, paths, args.tokens)
+        return 0
     if args.stage in ("features", "train", "all"):
         from .drafter import resolve_drafter_dir
         from .train.pipeline import run_features_stage, run_train_stage, training_layers

@@ -292,3 +292,54 @@ def test_a_model_that_writes_no_requests_is_refused_in_words(tiny_chat_engine, t
     with pytest.raises(QuanttreeError, match="does not continue a user turn with requests"):
         run_prompts_stage(tiny_chat_engine, TrainPaths(tmp_path / "w"),
                           SelfPromptConfig(goal=50, chunk=4, batch_size=4, max_tokens=8))
+
+
+def test_scored_text_is_training_only_data_for_distillation(tiny_chat_engine, tmp_path, monkeypatch):
+    from quanttree.errors import QuanttreeError
+    from quanttree.train.code_text import documented_sources
+    from quanttree.train.datagen import count_tokens, is_held_out, pack_dataset, shard_round
+    from quanttree.train.pipeline import run_text_stage
+
+    root = tmp_path / "lib"
+    (root / "tests").mkdir(parents=True)
+    body = "\n".join(f"    total = total + {k}" for k in range(8))
+    (root / "mymod.py").write_text(
+        f'def running(n):\n    """Add the numbers 0 to 7 to n, step by step."""\n    total = n\n{body}\n    return total\n\n\n'
+        'def bare(n):\n    return n + 1\n\n\n'
+        'def doc_only():\n    """A docstring that is the whole body of this function, nothing to write."""\n\n\n'
+        f'def has_close_elements(numbers):\n    """Whether any two numbers are closer than a threshold."""\n{body}\n'
+        '    return False\n')
+    (root / "tests" / "test_mod.py").write_text((root / "mymod.py").read_text())
+    found = documented_sources(root)
+    assert [(m, s.splitlines()[0]) for m, s, _ in found] == [("mymod", "def running(n):"),
+                                                             ("mymod", "def has_close_elements(numbers):")]
+    paths = TrainPaths(tmp_path / "work")
+    monkeypatch.setattr("quanttree.train.code_text.stdlib_root", lambda: root)
+    answered = run_text_stage(tiny_chat_engine, paths, 10**6)
+    assert run_text_stage(tiny_chat_engine, paths, 10**6) == answered  # resumable, identical
+    seqs = load_shards(paths.data)
+    assert len(seqs) == 1  # HumanEval's function name is benchmark text: dropped
+    ids, plen, pool_index = seqs[0]
+    text = tiny_chat_engine.tokenizer.decode(ids[plen:].tolist())
+    assert "def running(n):" in tiny_chat_engine.tokenizer.decode(ids[:plen].tolist())
+    assert text.startswith("```python\ndef running(n):") and int(ids[-1]) in tiny_chat_engine.eos_token_ids
+    assert answered == len(ids) - plen and pool_index < 0 and not is_held_out(pool_index)
+    assert [shard_round(p) for p in paths.data.glob("shard-*.npz")] == [-1]
+    assert count_tokens(paths.data) == 0  # not the target's responses: the data stage's goal ignores it
+    run_data_stage(tiny_chat_engine, paths, token_goal=10**6, gen_cfg=GenConfig(
+        max_new_tokens=10, batch_size=8, chunk=16, prompts=(0, 16)))
+    packed = pack_dataset(paths.data, tmp_path / "packed.npz")
+    with np.load(packed) as z:
+        assert len(z["pool_index"]) == 16 and (z["pool_index"] >= 0).all()  # the corpus holds no scored text
+    cache = run_features_stage(tiny_chat_engine, paths, (1, 3))
+    assert len(cache) == 17
+    cfg = TrainConfig(num_layers=1, block_size=4, num_features=2, draft_vocab=512, anchors=6, seqs_per_step=2,
+                      steps=2, eval_seqs=4, distill=0.5)
+    with pytest.raises(QuanttreeError, match="--distill 1.0"):
+        run_train_stage(tiny_chat_engine, paths, cfg, tmp_path / "out")
+    trainer = Trainer(tiny_chat_engine.target, cache, TrainConfig(**{**cfg.__dict__, "distill": 1.0}),
+                      paths.checkpoints, log=lambda *_: None)
+    assert any(cache.pool_index[i] < 0 for i in trainer.train_ids)
+    assert all(cache.pool_index[i] >= 0 for i in trainer.held_ids)
+    trainer.train()
+    assert trainer.step == 2

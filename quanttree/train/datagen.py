@@ -30,8 +30,11 @@ from ..target import Target
 HELDOUT_EVERY = 50  # every 50th pool prompt is held out for evaluation (by pool index: stable as data grows)
 
 
+TEXT_ROUND = -1  # shard-text-NNNNN: scored text (code_text.py), pool indices < 0, never held out
+
+
 def is_held_out(pool_index: int) -> bool:
-    return int(pool_index) % HELDOUT_EVERY == 0
+    return int(pool_index) >= 0 and int(pool_index) % HELDOUT_EVERY == 0
 
 
 @dataclass(frozen=True)
@@ -182,9 +185,11 @@ def generate_dataset(target: Target, tokenizer, pool: list[str], data_dir: Path,
 
 
 def shard_round(path: Path) -> int:
-    """The round a shard file belongs to (shard-NNNNN: 0, shard-rR-NNNNN: R)."""
+    """The round a shard file belongs to (shard-NNNNN: 0, shard-rR-NNNNN: R, shard-text-NNNNN: TEXT_ROUND)."""
     parts = path.stem.split("-")
-    return int(parts[1][1:]) if len(parts) == 3 else 0
+    if len(parts) == 2:
+        return 0
+    return TEXT_ROUND if parts[1] == "text" else int(parts[1][1:])
 
 
 def _read_shards(data_dir: Path) -> list[tuple[np.ndarray, int, int, int]]:
@@ -205,13 +210,16 @@ def load_shards(data_dir: Path) -> list[tuple[np.ndarray, int, int]]:
 
 
 def count_tokens(data_dir: Path) -> int:
-    """Response tokens already generated in data_dir."""
-    return sum(len(t) - p for t, p, _ in load_shards(data_dir)) if data_dir.exists() else 0
+    """Response tokens the target generated in data_dir (scored text not counted)."""
+    if not data_dir.exists():
+        return 0
+    return sum(len(t) - p for t, p, _, rnd in _read_shards(data_dir) if rnd != TEXT_ROUND)
 
 
 def pack_dataset(data_dir: Path, out: Path) -> Path:
-    """All shards as one compressed file of token ids (uint16 when the vocabulary allows)."""
-    seqs = _read_shards(data_dir)
+    """The target's responses (every round's shards, not scored text, which the text stage
+    regenerates) as one compressed file of token ids (uint16 when the vocabulary allows)."""
+    seqs = [s for s in _read_shards(data_dir) if s[3] != TEXT_ROUND]
     tokens = np.concatenate([s[0] for s in seqs])
     dtype = np.uint16 if tokens.max() < 65536 else np.int32
     offsets = np.concatenate([[0], np.cumsum([len(s[0]) for s in seqs])])

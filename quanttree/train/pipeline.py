@@ -78,6 +78,17 @@ def run_prompts_stage(engine, paths: TrainPaths, cfg=None) -> list[str]:
                                  cfg or SelfPromptConfig(), logger(paths))
 
 
+def run_text_stage(engine, paths: TrainPaths, token_goal: int) -> int:
+    """Scored text (code_text.py): documented standard-library functions as answered requests,
+    written as data shards in seconds; the feature stage then scores them with the target."""
+    from .code_text import write_text_shards
+
+    unpack_committed_data(engine, paths)
+    if engine.tokenizer is None or not getattr(engine.tokenizer, "chat_template", None):
+        raise QuanttreeError("scored text needs a chat model with a chat template")
+    return write_text_shards(engine.tokenizer, paths.data, engine.eos_token_ids, token_goal, log=logger(paths))
+
+
 def unpack_committed_data(engine, paths: TrainPaths) -> None:
     """Restore the data set packed under quanttree/data/train/ for this target and quant mode into an empty work dir,
     so a fresh machine continues from it (whichever stage it runs first) instead of regenerating."""

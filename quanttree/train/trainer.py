@@ -219,6 +219,9 @@ class Trainer:
         self.train_ids, self.held_ids = split_indices(cache.pool_index[:len(cache)])
         if not self.train_ids:
             raise ValueError("no training sequences")
+        if cfg.distill < 1.0 and (np.asarray(cache.pool_index[:len(cache)]) < 0).any():
+            raise ValueError("the feature cache holds scored text (answers the target did not write): its hard "
+                             "labels are not the target's; train with --distill 1.0 (the target's own distribution)")
         torch.manual_seed(cfg.seed)  # the drafter's initialisation depends only on the config
         if cfg.init_from:
             self.drafter, vocab = start_from_drafter(Path(cfg.init_from), target, cfg.grow_layers)
