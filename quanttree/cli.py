@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gamma", type=float, default=7.0, help="slot weight decay exp(-(k-1)/gamma)")
     train.add_argument("--feature-layers", default=None, type=layer_ids,
                        help="comma-separated target layer ids feeding the drafter (default: DFlash's spread rule)")
+    train.add_argument("--no-scored-text", dest="scored_text", action="store_false",
+                       help="train on the target's own answers only, even where the cache holds scored text")
     train.add_argument("--distill", type=float, default=0.0,
                        help="weight of the distillation loss to the target's top-k distribution (0 = hard labels)")
     train.add_argument("--mask-token-id", type=int, default=None,
@@ -253,7 +255,7 @@ def cmd_train_drafter(args) -> int:
                           gamma=args.gamma, variable_prefix=args.variable_prefix, distill=args.distill,
                           init=args.init, feature_layers=args.feature_layers, mask_token_id=args.mask_token_id,
                           fc_init=args.fc_init, eval_every=args.eval_every, refresh_vocab=args.refresh_vocab,
-                          grow_layers=args.grow_layers,
+                          grow_layers=args.grow_layers, scored_text=args.scored_text,
                           init_from=str(resolve_drafter_dir(args.init_from)) if args.init_from else None)
         if args.stage == "features":
             run_features_stage(engine, paths, training_layers(engine.target, cfg))

@@ -343,3 +343,6 @@ def test_scored_text_is_training_only_data_for_distillation(tiny_chat_engine, tm
     assert all(cache.pool_index[i] >= 0 for i in trainer.held_ids)
     trainer.train()
     assert trainer.step == 2
+    answers_only = Trainer(tiny_chat_engine.target, cache, TrainConfig(**{**cfg.__dict__, "scored_text": False}),
+                           tmp_path / "answers-only", log=lambda *_: None)  # hard labels fine again
+    assert sorted(answers_only.train_ids) == sorted(i for i in trainer.train_ids if cache.pool_index[i] >= 0)

@@ -57,6 +57,7 @@ class TrainConfig:
     grow_layers: int = 0  # with init_from: append this many layers that start as the identity
     refresh_vocab: bool = False  # with init_from: pick the draft vocabulary from this run's data instead
     mask_token_id: int | None = None  # a target vocabulary token as the mask (None: a learned mask embedding)
+    scored_text: bool = True  # train on the cache's scored text too (code_text.py), not only the target's answers
 
 
 # ---------------------------------------------------------------- data
@@ -217,9 +218,11 @@ class Trainer:
         torch.set_flush_denormal(True)
         self.target, self.cache, self.cfg, self.work, self.log = target, cache, cfg, work, log
         self.train_ids, self.held_ids = split_indices(cache.pool_index[:len(cache)])
+        if not cfg.scored_text:
+            self.train_ids = [i for i in self.train_ids if cache.pool_index[i] >= 0]
         if not self.train_ids:
             raise ValueError("no training sequences")
-        if cfg.distill < 1.0 and (np.asarray(cache.pool_index[:len(cache)]) < 0).any():
+        if cfg.distill < 1.0 and any(cache.pool_index[i] < 0 for i in self.train_ids):
             raise ValueError("the feature cache holds scored text (answers the target did not write): its hard "
                              "labels are not the target's; train with --distill 1.0 (the target's own distribution)")
         torch.manual_seed(cfg.seed)  # the drafter's initialisation depends only on the config
