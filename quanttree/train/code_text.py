@@ -121,7 +121,7 @@ def write_text_shards(tokenizer, data_dir: Path, ends: frozenset[int], token_goa
             ids, plen = encode_answer(tokenizer, *pairs[k], ends)
             sequences.append(ids)
             prompt_lens.append(plen)
-            pool_index.append(-1 - k)  # not a pool prompt: training only
+            pool_index.append(-1 - k)  # negative: scored text (datagen.is_scored_text), training only
         path = text_shard_path(data_dir, index)
         if not path.exists():
             write_shard(path, sequences, prompt_lens, pool_index)

@@ -30,11 +30,16 @@ from ..target import Target
 HELDOUT_EVERY = 50  # every 50th pool prompt is held out for evaluation (by pool index: stable as data grows)
 
 
-TEXT_ROUND = -1  # shard-text-NNNNN: scored text (code_text.py), pool indices < 0, never held out
+TEXT_ROUND = -1  # shard-text-NNNNN: scored text (code_text.py)
+
+
+def is_scored_text(pool_index: int) -> bool:
+    """Scored text (code_text.py) carries negative pool indices: not the target's answers, never held out."""
+    return int(pool_index) < 0
 
 
 def is_held_out(pool_index: int) -> bool:
-    return int(pool_index) >= 0 and int(pool_index) % HELDOUT_EVERY == 0
+    return not is_scored_text(pool_index) and int(pool_index) % HELDOUT_EVERY == 0
 
 
 @dataclass(frozen=True)
@@ -213,13 +218,13 @@ def count_tokens(data_dir: Path) -> int:
     """Response tokens the target generated in data_dir (scored text not counted)."""
     if not data_dir.exists():
         return 0
-    return sum(len(t) - p for t, p, _, rnd in _read_shards(data_dir) if rnd != TEXT_ROUND)
+    return sum(len(t) - p for t, p, i in load_shards(data_dir) if not is_scored_text(i))
 
 
 def pack_dataset(data_dir: Path, out: Path) -> Path:
     """The target's responses (every round's shards, not scored text, which the text stage
     regenerates) as one compressed file of token ids (uint16 when the vocabulary allows)."""
-    seqs = [s for s in _read_shards(data_dir) if s[3] != TEXT_ROUND]
+    seqs = [s for s in _read_shards(data_dir) if not is_scored_text(s[2])]
     tokens = np.concatenate([s[0] for s in seqs])
     dtype = np.uint16 if tokens.max() < 65536 else np.int32
     offsets = np.concatenate([[0], np.cumsum([len(s[0]) for s in seqs])])

@@ -23,7 +23,7 @@ from ..drafter import (DFlashDrafter, check_fits_target, init_random, random_dra
 from ..errors import QuanttreeError
 from ..target import Target
 from .baselines import slot1_baselines
-from .datagen import is_held_out
+from .datagen import is_held_out, is_scored_text
 from .features import FeatureCache
 
 
@@ -219,10 +219,10 @@ class Trainer:
         self.target, self.cache, self.cfg, self.work, self.log = target, cache, cfg, work, log
         self.train_ids, self.held_ids = split_indices(cache.pool_index[:len(cache)])
         if not cfg.scored_text:
-            self.train_ids = [i for i in self.train_ids if cache.pool_index[i] >= 0]
+            self.train_ids = [i for i in self.train_ids if not is_scored_text(cache.pool_index[i])]
         if not self.train_ids:
             raise ValueError("no training sequences")
-        if cfg.distill < 1.0 and any(cache.pool_index[i] < 0 for i in self.train_ids):
+        if cfg.distill < 1.0 and any(is_scored_text(cache.pool_index[i]) for i in self.train_ids):
             raise ValueError("the feature cache holds scored text (answers the target did not write): its hard "
                              "labels are not the target's; train with --distill 1.0 (the target's own distribution)")
         torch.manual_seed(cfg.seed)  # the drafter's initialisation depends only on the config
