@@ -2,7 +2,9 @@
 
 On prompts never used for training or tuning (the chat suite and HumanEval as chat requests),
 greedy, the target in --quant: per drafter and suite, the first drafted token's acceptance rate
-and tau (tokens per target forward) of the DFlash chain, and tau of DDTree at --budget nodes.
+and tau (tokens per target forward) of the DFlash chain, and tau of DDTree at --budget nodes
+(--d2sd adds D2SD's chain plus re-drafted branches trimmed to the same budget, re-drafted by
+the same drafter: whether a variable-prefix drafter would have anything to gain).
 Acceptance only: no timing (so it may run beside other work).
 
 Beside it, the same drafter's teacher-forced accuracy on the target's own (batched greedy)
@@ -74,6 +76,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--name", default="drafter_acceptance")
+    ap.add_argument("--d2sd", action="store_true", help="also D2SD at --budget nodes")
     args = ap.parse_args()
     suites = {"chat": chat_prompts(args.prompts), "humaneval": humaneval_prompts(args.prompts)}
     rows, forced = [], {}
@@ -85,21 +88,25 @@ def main() -> None:
             responses = {s: target_responses(engine, p, args.max_new_tokens) for s, p in suites.items()}
         for suite, prompts in suites.items():
             forced[drafter, suite] = teacher_forced(engine, drafter, responses[suite], work / suite)
-            for method, budget in (("dflash", 1), ("ddtree", args.budget)):
+            for method, budget in (("dflash", 1), ("ddtree", args.budget)) + ((("d2sd", args.budget),) if args.d2sd else ()):
                 r = measure(engine, prompts, method, budget, args.max_new_tokens)
                 rows.append({"drafter": drafter, "suite": suite, "method": method, "budget": budget, **r,
                              **forced[drafter, suite]})
                 print(rows[-1], flush=True)
+    d2sd = f" D2SD@{args.budget} tau | D2SD nodes per round |" if args.d2sd else ""
     lines = ["| drafter | suite | first-token acceptance (chain) | chain tau | "
-             f"DDTree@{args.budget} tau | DDTree first-token acceptance | teacher-forced slot 1 | "
-             "teacher-forced chain tau |", "|---|---|---|---|---|---|---|---|"]
+             f"DDTree@{args.budget} tau | DDTree first-token acceptance |{d2sd} teacher-forced slot 1 | "
+             "teacher-forced chain tau |", "|---|---|---|---|---|---|---|---|" + "---|---|" * args.d2sd]
     for drafter in args.drafters.split(","):
         for suite in suites:
             chain = next(r for r in rows if r["drafter"] == drafter and r["suite"] == suite and r["method"] == "dflash")
             tree = next(r for r in rows if r["drafter"] == drafter and r["suite"] == suite and r["method"] == "ddtree")
             tf = forced[drafter, suite]
+            branches = next((r for r in rows if r["drafter"] == drafter and r["suite"] == suite
+                             and r["method"] == "d2sd"), None)
+            d2sd = f" {branches['tau']:.2f} | {branches['nodes_per_round']:.1f} |" if branches else ""
             lines.append(f"| {Path(drafter).name} | {suite} | {chain['first_accept']:.3f} | {chain['tau']:.2f} | "
-                         f"{tree['tau']:.2f} | {tree['first_accept']:.3f} | {tf['tf_slot1']:.3f} | "
+                         f"{tree['tau']:.2f} | {tree['first_accept']:.3f} |{d2sd} {tf['tf_slot1']:.3f} | "
                          f"{tf['tf_chain_tau']:.2f} |")
     command = "python benchmarks/drafter_acceptance.py " + " ".join(sys.argv[1:])
     note = (f"\n\n{args.prompts} prompts per suite (never used for training), {args.quant} target, greedy, "
