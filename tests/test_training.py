@@ -296,7 +296,7 @@ def test_a_model_that_writes_no_requests_is_refused_in_words(tiny_chat_engine, t
 
 def test_scored_text_is_training_only_data_for_distillation(tiny_chat_engine, tmp_path, monkeypatch):
     from quanttree.errors import QuanttreeError
-    from quanttree.train.code_text import documented_sources
+    from quanttree.train.code_text import documented_sources, text_sources
     from quanttree.train.datagen import count_tokens, is_held_out, pack_dataset, shard_round
     from quanttree.train.pipeline import run_text_stage
 
@@ -315,8 +315,9 @@ def test_scored_text_is_training_only_data_for_distillation(tiny_chat_engine, tm
                                                              ("mymod", "def has_close_elements(numbers):")]
     paths = TrainPaths(tmp_path / "work")
     monkeypatch.setattr("quanttree.train.code_text.stdlib_root", lambda: root)
-    answered = run_text_stage(tiny_chat_engine, paths, 10**6)
-    assert run_text_stage(tiny_chat_engine, paths, 10**6) == answered  # resumable, identical
+    monkeypatch.setattr("quanttree.train.code_text.PACKAGES", ("qt_fake_pkg", "qt_not_installed"))
+    answered = run_text_stage(tiny_chat_engine, paths, 1)  # the goal is met within the first block
+    assert [p.name for p in paths.data.glob("shard-text-*.npz")] == ["shard-text-00000.npz"]
     seqs = load_shards(paths.data)
     assert len(seqs) == 1  # HumanEval's function name is benchmark text: dropped
     ids, plen, pool_index = seqs[0]
@@ -324,7 +325,25 @@ def test_scored_text_is_training_only_data_for_distillation(tiny_chat_engine, tm
     assert "def running(n):" in tiny_chat_engine.tokenizer.decode(ids[:plen].tolist())
     assert text.startswith("```python\ndef running(n):") and int(ids[-1]) in tiny_chat_engine.eos_token_ids
     assert answered == len(ids) - plen and pool_index < 0 and not is_held_out(pool_index)
-    assert [shard_round(p) for p in paths.data.glob("shard-*.npz")] == [-1]
+    # a larger goal appends the installed packages' block on a shard of its own: shard 0 stays as written
+    package = tmp_path / "site" / "qt_fake_pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text(
+        f'def scaled(n):\n    """Scale n by the numbers 0 to 7, step by step."""\n    total = n\n{body}\n    return total\n')
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    before = (paths.data / "shard-text-00000.npz").read_bytes()
+    both = run_text_stage(tiny_chat_engine, paths, 10**6)
+    assert run_text_stage(tiny_chat_engine, paths, 10**6) == both > answered  # resumable, identical
+    assert (paths.data / "shard-text-00000.npz").read_bytes() == before
+    assert sorted(p.name for p in paths.data.glob("shard-text-*.npz")) == ["shard-text-00000.npz",
+                                                                            "shard-text-00001.npz"]
+    seqs = load_shards(paths.data)
+    request = tiny_chat_engine.tokenizer.decode(seqs[1][0][:seqs[1][1]].tolist())
+    assert "def scaled(n):" in request and seqs[1][2] == -1 - 128  # the block's first pool index
+    assert [s.name for s in text_sources()] == ["stdlib", "qt_fake_pkg"]
+    assert "qt_fake_pkg.sub" in {m for m, _, _ in documented_sources(package, "qt_fake_pkg")}
+    assert {shard_round(p) for p in paths.data.glob("shard-*.npz")} == {-1}
     assert count_tokens(paths.data) == 0  # not the target's responses: the data stage's goal ignores it
     run_data_stage(tiny_chat_engine, paths, token_goal=10**6, gen_cfg=GenConfig(
         max_new_tokens=10, batch_size=8, chunk=16, prompts=(0, 16)))
@@ -332,7 +351,7 @@ def test_scored_text_is_training_only_data_for_distillation(tiny_chat_engine, tm
     with np.load(packed) as z:
         assert len(z["pool_index"]) == 16 and (z["pool_index"] >= 0).all()  # the corpus holds no scored text
     cache = run_features_stage(tiny_chat_engine, paths, (1, 3))
-    assert len(cache) == 17
+    assert len(cache) == 18
     cfg = TrainConfig(num_layers=1, block_size=4, num_features=2, draft_vocab=512, anchors=6, seqs_per_step=2,
                       steps=2, eval_seqs=4, distill=0.5)
     with pytest.raises(QuanttreeError, match="--distill 1.0"):

@@ -5,12 +5,15 @@ CPU); scoring text it did not write costs one forward per sequence in the featur
 stores the target's own next-token distribution at every position. With `--distill 1.0` those
 distributions are the labels, so the drafter learns what the *target* would write next in that
 context, whatever the text says. The source here: documented functions of the Python standard
-library (read with `ast`, never imported), each as a chat turn that asks for the function from
-its signature and docstring and answers with its source. Deterministic for a given Python
-installation, so a fresh machine regenerates the same sequences in seconds (they are not packed
-with the target's responses and are never lookup corpus: they are not the target's answers).
+library, then of the packages in PACKAGES that are installed (read with `ast`, never imported),
+each as a chat turn that asks for the function from its signature and docstring and answers
+with its source. Deterministic for a given Python installation, so a fresh machine regenerates
+the same sequences in minutes (they are not packed with the target's responses and are never
+lookup corpus: they are not the target's answers).
 
-Text sequences carry negative pool indices: they are training data only, never held out.
+Text sequences carry negative pool indices: they are training data only, never held out. Each
+source block starts at a shard boundary, so a larger token goal appends shards and leaves the
+ones already written (and their cached features) as they are.
 """
 
 from __future__ import annotations
@@ -20,13 +23,17 @@ import hashlib
 import sysconfig
 import textwrap
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import QuanttreeError
 
 TEXT_CHUNK = 128  # sequences per shard
 MIN_CHARS, MAX_CHARS = 100, 2400  # a function's source, docstring included
-SKIP_DIRS = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "site-packages", "ensurepip",
-             "pydoc_data", "__pycache__"}
+SKIP_DIRS = {"test", "tests", "testing", "idlelib", "tkinter", "turtledemo", "lib2to3", "site-packages",
+             "ensurepip", "pydoc_data", "__pycache__", "_vendor", "vendored", "externals", "benchmarks"}
+# after the standard library, in this order: packages that quanttree's own requirements install
+# (torch brings sympy, networkx and mpmath; gradio brings pandas), mostly documented algorithms
+PACKAGES = ("numpy", "sympy", "networkx", "mpmath", "pandas", "matplotlib")
 REQUESTS = (
     "Implement this function from Python's `{module}` module.\n```python\n{stub}\n```",
     "Write the body of this Python function.\n```python\n{stub}\n```",
@@ -34,16 +41,47 @@ REQUESTS = (
 )
 
 
+class TextSource(NamedTuple):
+    name: str  # "stdlib" or a package's import name
+    version: str
+    root: Path  # the directory read (a package's own directory)
+
+
 def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def documented_sources(root: Path) -> list[tuple[str, str, str]]:
+def text_sources(packages: tuple[str, ...] | None = None) -> list[TextSource]:
+    """The standard library, then each of `packages` (default PACKAGES) installed here (found,
+    never imported)."""
+    import importlib.metadata
+    import importlib.util
+    import platform
+
+    sources = [TextSource("stdlib", platform.python_version(), stdlib_root())]
+    for name in PACKAGES if packages is None else packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown"
+        sources.append(TextSource(name, version, Path(next(iter(spec.submodule_search_locations)))))
+    return sources
+
+
+def documented_sources(root: Path, package: str = "") -> list[tuple[str, str, str]]:
     """(module, stub, source) of every documented function or method under `root` (a fixed
     shuffle, so a token cap still spans many modules): stub = its `def` line(s) and docstring,
-    source = the whole function (dedented)."""
+    source = the whole function (dedented). package: the import name `root` is (module names
+    start with it; "" for the standard library's root)."""
+    from tqdm import tqdm
+
     found = []
-    for path in sorted(root.rglob("*.py")):
+    files = sorted(root.rglob("*.py"))
+    for path in tqdm(files, desc=f"reading {package or root.name}", unit="file", leave=False,
+                     disable=len(files) < 500):
         rel = path.relative_to(root)
         if SKIP_DIRS & set(rel.parts[:-1]) or rel.name.startswith("test_"):
             continue
@@ -53,7 +91,7 @@ def documented_sources(root: Path) -> list[tuple[str, str, str]]:
         except (UnicodeDecodeError, SyntaxError, ValueError):
             continue
         lines = text.splitlines()
-        module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
+        module = ".".join(((package,) if package else ()) + rel.with_suffix("").parts).removesuffix(".__init__")
         for node in ast.walk(tree):
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or not ast.get_docstring(node):
                 continue
@@ -66,18 +104,28 @@ def documented_sources(root: Path) -> list[tuple[str, str, str]]:
     return found
 
 
-def text_conversations(root: Path | None = None) -> list[tuple[str, str]]:
-    """(request, answer) pairs, benchmark text filtered out (the filter self-written prompts pass)."""
+def text_conversations(found: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+    """(request, answer) pairs of documented_sources' functions, benchmark text filtered out (the
+    filter self-written prompts pass)."""
     from .self_prompts import benchmark_text
 
     grams, markers = benchmark_text()
     pairs = []
-    for module, stub, source in documented_sources(root or stdlib_root()):
+    for module, stub, source in found:
         if any(m in source for m in markers):
             continue  # e.g. a HumanEval function name or docstring line
         pick = int(hashlib.sha1(source.encode()).hexdigest(), 16) % len(REQUESTS)
         pairs.append((REQUESTS[pick].format(module=module, stub=stub), f"```python\n{source}\n```"))
     return pairs
+
+
+def text_blocks(sources: list[TextSource]) -> list[list[tuple[str, str]]]:
+    """Pairs in blocks: the standard library's, then every package's together (one fixed shuffle
+    over them all, so a token cap spans the packages)."""
+    blocks = [text_conversations(documented_sources(s.root)) for s in sources if s.name == "stdlib"]
+    found = [f for s in sources if s.name != "stdlib" for f in documented_sources(s.root, s.name)]
+    found.sort(key=lambda f: hashlib.sha1(f[2].encode()).hexdigest())
+    return blocks + ([text_conversations(found)] if found else [])
 
 
 def encode_answer(tokenizer, request: str, answer: str, ends: frozenset[int]) -> tuple[list[int], int]:
@@ -103,30 +151,34 @@ def text_shard_path(data_dir: Path, index: int) -> Path:
 
 
 def write_text_shards(tokenizer, data_dir: Path, ends: frozenset[int], token_goal: int,
-                      root: Path | None = None, log=print) -> int:
-    """Shards of scored text until `token_goal` answer tokens exist (resumable: a shard is
-    rewritten identically); returns the answer tokens they hold."""
+                      sources: list[TextSource] | None = None, log=print) -> int:
+    """Shards of scored text until `token_goal` answer tokens exist, block after block (resumable:
+    a shard is rewritten identically); returns the answer tokens they hold."""
     from .datagen import write_shard
 
-    pairs = text_conversations(root)
-    if not pairs:
-        raise QuanttreeError(f"no documented Python functions found under {root or stdlib_root()}")
+    sources = text_sources() if sources is None else sources
+    blocks = text_blocks(sources)
+    if not any(blocks):
+        raise QuanttreeError("no documented Python functions found in " + ", ".join(str(s.root) for s in sources))
     data_dir.mkdir(parents=True, exist_ok=True)
-    total = shards = used = 0
-    for index in range((len(pairs) + TEXT_CHUNK - 1) // TEXT_CHUNK):
-        if total >= token_goal:
-            break
-        sequences, prompt_lens, pool_index = [], [], []
-        for k in range(index * TEXT_CHUNK, min((index + 1) * TEXT_CHUNK, len(pairs))):
-            ids, plen = encode_answer(tokenizer, *pairs[k], ends)
-            sequences.append(ids)
-            prompt_lens.append(plen)
-            pool_index.append(-1 - k)  # negative: scored text (datagen.is_scored_text), training only
-        path = text_shard_path(data_dir, index)
-        if not path.exists():
-            write_shard(path, sequences, prompt_lens, pool_index)
-        total += sum(len(s) - p for s, p in zip(sequences, prompt_lens))
-        shards, used = shards + 1, used + len(sequences)
+    total = shards = used = first = 0
+    for pairs in blocks:
+        for index in range((len(pairs) + TEXT_CHUNK - 1) // TEXT_CHUNK):
+            if total >= token_goal:
+                break
+            sequences, prompt_lens, pool_index = [], [], []
+            for k in range(index * TEXT_CHUNK, min((index + 1) * TEXT_CHUNK, len(pairs))):
+                ids, plen = encode_answer(tokenizer, *pairs[k], ends)
+                sequences.append(ids)
+                prompt_lens.append(plen)
+                pool_index.append(-1 - first * TEXT_CHUNK - k)  # negative: scored text (datagen.is_scored_text)
+            path = text_shard_path(data_dir, first + index)
+            if not path.exists():
+                write_shard(path, sequences, prompt_lens, pool_index)
+            total += sum(len(s) - p for s, p in zip(sequences, prompt_lens))
+            shards, used = shards + 1, used + len(sequences)
+        first += (len(pairs) + TEXT_CHUNK - 1) // TEXT_CHUNK  # the next block starts on a shard of its own
+    read = ", ".join(f"{s.name} {s.version}" for s in sources)
     log(f"text: {total:,} answer tokens of scored Python source in {shards} shards "
-        f"({used} of {len(pairs)} documented functions)")
+        f"({used} of {sum(map(len, blocks))} documented functions; read: {read})")
     return total

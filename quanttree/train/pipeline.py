@@ -79,8 +79,9 @@ def run_prompts_stage(engine, paths: TrainPaths, cfg=None) -> list[str]:
 
 
 def run_text_stage(engine, paths: TrainPaths, token_goal: int) -> int:
-    """Scored text (code_text.py): documented standard-library functions as answered requests,
-    written as data shards in seconds; the feature stage then scores them with the target."""
+    """Scored text (code_text.py): documented functions of the standard library, then of the
+    installed packages in code_text.PACKAGES, as answered requests, written as data shards in
+    minutes; the feature stage then scores them with the target."""
     from .code_text import write_text_shards
 
     unpack_committed_data(engine, paths)
