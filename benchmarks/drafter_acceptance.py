@@ -88,7 +88,8 @@ def main() -> None:
             responses = {s: target_responses(engine, p, args.max_new_tokens) for s, p in suites.items()}
         for suite, prompts in suites.items():
             forced[drafter, suite] = teacher_forced(engine, drafter, responses[suite], work / suite)
-            for method, budget in (("dflash", 1), ("ddtree", args.budget)) + ((("d2sd", args.budget),) if args.d2sd else ()):
+            methods = (("dflash", 1), ("ddtree", args.budget)) + ((("d2sd", args.budget),) if args.d2sd else ())
+            for method, budget in methods:
                 r = measure(engine, prompts, method, budget, args.max_new_tokens)
                 rows.append({"drafter": drafter, "suite": suite, "method": method, "budget": budget, **r,
                              **forced[drafter, suite]})
@@ -97,13 +98,11 @@ def main() -> None:
     lines = ["| drafter | suite | first-token acceptance (chain) | chain tau | "
              f"DDTree@{args.budget} tau | DDTree first-token acceptance |{d2sd} teacher-forced slot 1 | "
              "teacher-forced chain tau |", "|---|---|---|---|---|---|---|---|" + "---|---|" * args.d2sd]
+    by = {(r["drafter"], r["suite"], r["method"]): r for r in rows}
     for drafter in args.drafters.split(","):
         for suite in suites:
-            chain = next(r for r in rows if r["drafter"] == drafter and r["suite"] == suite and r["method"] == "dflash")
-            tree = next(r for r in rows if r["drafter"] == drafter and r["suite"] == suite and r["method"] == "ddtree")
-            tf = forced[drafter, suite]
-            branches = next((r for r in rows if r["drafter"] == drafter and r["suite"] == suite
-                             and r["method"] == "d2sd"), None)
+            chain, tree, tf = by[drafter, suite, "dflash"], by[drafter, suite, "ddtree"], forced[drafter, suite]
+            branches = by.get((drafter, suite, "d2sd"))
             d2sd = f" {branches['tau']:.2f} | {branches['nodes_per_round']:.1f} |" if branches else ""
             lines.append(f"| {Path(drafter).name} | {suite} | {chain['first_accept']:.3f} | {chain['tau']:.2f} | "
                          f"{tree['tau']:.2f} | {tree['first_accept']:.3f} |{d2sd} {tf['tf_slot1']:.3f} | "

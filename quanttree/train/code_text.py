@@ -51,15 +51,14 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def text_sources(packages: tuple[str, ...] | None = None) -> list[TextSource]:
-    """The standard library, then each of `packages` (default PACKAGES) installed here (found,
-    never imported)."""
+def text_sources() -> list[TextSource]:
+    """The standard library, then each of PACKAGES installed here (found, never imported)."""
     import importlib.metadata
     import importlib.util
     import platform
 
     sources = [TextSource("stdlib", platform.python_version(), stdlib_root())]
-    for name in PACKAGES if packages is None else packages:
+    for name in PACKAGES:
         spec = importlib.util.find_spec(name)
         if spec is None or not spec.submodule_search_locations:
             continue
@@ -79,12 +78,11 @@ def documented_sources(root: Path, package: str = "") -> list[tuple[str, str, st
     from tqdm import tqdm
 
     found = []
-    files = sorted(root.rglob("*.py"))
-    for path in tqdm(files, desc=f"reading {package or root.name}", unit="file", leave=False,
+    files = [p for p in sorted(root.rglob("*.py")) if not (SKIP_DIRS & set(p.relative_to(root).parts[:-1])
+                                                           or p.name.startswith("test_"))]
+    for path in tqdm(files, desc=f"reading {package or 'the standard library'}", unit="file", leave=False,
                      disable=len(files) < 500):
         rel = path.relative_to(root)
-        if SKIP_DIRS & set(rel.parts[:-1]) or rel.name.startswith("test_"):
-            continue
         try:
             text = path.read_text(encoding="utf-8")
             tree = ast.parse(text)
@@ -150,13 +148,12 @@ def text_shard_path(data_dir: Path, index: int) -> Path:
     return data_dir / f"shard-text-{index:05d}.npz"
 
 
-def write_text_shards(tokenizer, data_dir: Path, ends: frozenset[int], token_goal: int,
-                      sources: list[TextSource] | None = None, log=print) -> int:
+def write_text_shards(tokenizer, data_dir: Path, ends: frozenset[int], token_goal: int, log=print) -> int:
     """Shards of scored text until `token_goal` answer tokens exist, block after block (resumable:
     a shard is rewritten identically); returns the answer tokens they hold."""
     from .datagen import write_shard
 
-    sources = text_sources() if sources is None else sources
+    sources = text_sources()
     blocks = text_blocks(sources)
     if not any(blocks):
         raise QuanttreeError("no documented Python functions found in " + ", ".join(str(s.root) for s in sources))
