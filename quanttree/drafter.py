@@ -348,13 +348,23 @@ def resolve_drafter_dir(drafter: str) -> Path:
     raise QuanttreeError(f"drafter {drafter!r} not found: pass a drafter directory or a hub id 'org/name'")
 
 
+IDENTITY_BYTES = 1 << 20
+
+
 def drafter_identity(path: Path) -> str:
-    """Names a drafter's weights for cache keys: directory name, config and weight file sizes."""
+    """Names a drafter's weights for cache keys: directory name, config, and each weight file's
+    size and first and last MiB (a retrained drafter has the same sizes; its profile's learned
+    acceptance must not carry over, and hashing whole multi-GB files would slow every load)."""
     from hashlib import sha256
 
     digest = sha256((path / "config.json").read_bytes())
     for file in sorted(path.glob("*.safetensors")):
-        digest.update(f"{file.name}:{file.stat().st_size}".encode())
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as fh:
+            digest.update(fh.read(IDENTITY_BYTES))
+            fh.seek(max(size - IDENTITY_BYTES, 0))
+            digest.update(fh.read(IDENTITY_BYTES))
     return f"{path.name}-{digest.hexdigest()[:12]}"
 
 

@@ -167,3 +167,19 @@ def test_unsupported_drafter_features_are_refused_by_name(tiny_dirs, tmp_path, e
     path = published(tiny_dirs, tmp_path, edit, tensors_edit)
     with pytest.raises(QuanttreeError, match=match):
         load(tiny_dirs, path)
+
+
+def test_retrained_weights_of_the_same_size_get_another_identity(tmp_path):
+    """Profiles (with learned acceptance) are keyed by drafter_identity: a retrained drafter has
+    the same config and file sizes, and must not inherit the old drafter's learned acceptance."""
+    from quanttree.drafter import drafter_identity
+
+    first, second = tmp_path / "a" / "drafter", tmp_path / "b" / "drafter"
+    for directory, seed in ((first, 0), (second, 1)):
+        directory.mkdir(parents=True)
+        (directory / "config.json").write_text(json.dumps({"model_type": "dflash"}))
+        gen = torch.Generator().manual_seed(seed)
+        save_file({"w": torch.randn(64, 64, generator=gen)}, str(directory / "model.safetensors"))
+    assert (first / "model.safetensors").stat().st_size == (second / "model.safetensors").stat().st_size
+    assert drafter_identity(first) != drafter_identity(second)
+    assert drafter_identity(first) == drafter_identity(first)
