@@ -22,6 +22,8 @@ stacked along the batch dimension, each with a mask that hides the keys after it
 give other numbers than the row alone in fp32
 at every context length tried (5-1,500 keys) and in bf16 at 5, 37, 200 and 1,500 keys (equal
 at 511 and 700 only; bool or additive mask alike; `python benchmarks/exact_rows.py`).
+Rows of one depth (equal key counts) do batch exactly in bf16 without a mask, but gathering
+each row's keys for that costs more than the calls it saves (`benchmarks/results/exact_rows_depths.md`).
 """
 
 from __future__ import annotations
