@@ -73,9 +73,22 @@ def humaneval(n: int, offset: int = 0) -> list[str]:
 CHAT_PROMPTS = Path(__file__).parent / "data" / "chat_prompts.jsonl"  # package data: written for measuring
 
 
+def by_category_turns(rows: list[dict]) -> list[dict]:
+    """Rows reordered so that every category has a turn before any has a second one: the first
+    of each category (in file order), then the second of each, and so on. Any leading slice is
+    then a sample of the whole suite, not of its first category."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["category"], []).append(row)
+    turns = max((len(g) for g in groups.values()), default=0)
+    return [g[i] for i in range(turns) for g in groups.values() if i < len(g)]
+
+
 def chat(n: int | None = None) -> list[str]:
-    """The chat suite (48 varied instructions, never training data)."""
-    prompts = [json.loads(line)["prompt"] for line in CHAT_PROMPTS.read_text().splitlines() if line.strip()]
+    """The chat suite (48 varied instructions in 7 categories, never training data); n of them
+    take the categories in turns (n = 7: one of each)."""
+    rows = [json.loads(line) for line in CHAT_PROMPTS.read_text().splitlines() if line.strip()]
+    prompts = [row["prompt"] for row in by_category_turns(rows)]
     return prompts[:n] if n else prompts
 
 

@@ -89,3 +89,16 @@ def test_headline_pairs_each_run_with_the_plain_run_of_its_own_repeat():
     summary = {s["method"]: s for s in summarize(rows, by_suite=True)}
     assert summary["llama_cpp"]["peak_mb"] is None and summary["llama_cpp"]["weights_mb"] == 30.0
     assert summary["auto"]["suite"] == "chat"
+
+
+def test_chat_prompts_take_the_categories_in_turns():
+    from quanttree.bench import CHAT_PROMPTS, by_category_turns, chat
+
+    rows = [json.loads(line) for line in CHAT_PROMPTS.read_text().splitlines() if line.strip()]
+    categories = list(dict.fromkeys(r["category"] for r in rows))
+    assert len(categories) == 7
+    first = chat(7)
+    assert [next(r["category"] for r in rows if r["prompt"] == p) for p in first] == categories
+    assert sorted(chat()) == sorted(r["prompt"] for r in rows)  # all of them, each once
+    toy = [{"category": c, "prompt": p} for c, p in (("a", 1), ("a", 2), ("a", 3), ("b", 4), ("c", 5), ("c", 6))]
+    assert [r["prompt"] for r in by_category_turns(toy)] == [1, 4, 5, 2, 6, 3]
