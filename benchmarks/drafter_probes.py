@@ -34,13 +34,13 @@ import quanttree.policy as policy  # noqa: E402
 ARMS = (("lookup", 0), ("auto", 64), ("auto", 8))
 
 
-def backing_off_worth(self, p: float, price: float) -> bool:
+def backing_off_worth(self, p: float) -> bool:
     """DrafterWorth.worth with the probe interval doubling per bin (8 -> 64) while the answer is no."""
     b = self.bin(p)
     every = getattr(self, "every", None)
     if every is None:
         every = self.every = np.full(self.EDGES.size + 1, self.probe_every)
-    if self.weight[b] < self.min_samples or self.sum[b] / self.weight[b] > price:
+    if self.weight[b] < self.min_samples or self.sum[b] / self.weight[b] > 0.0:
         every[b], self.skips[b] = self.probe_every, 0
         return True
     self.skips[b] += 1

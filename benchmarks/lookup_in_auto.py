@@ -33,7 +33,7 @@ def setting(depth: int, worth: bool):
     saved_depth, saved_worth = decode.LOOKUP_DEPTH, DrafterWorth.worth
     decode.LOOKUP_DEPTH = depth
     if not worth:
-        DrafterWorth.worth = lambda self, p, price: True
+        DrafterWorth.worth = lambda self, p: True
     try:
         yield
     finally:

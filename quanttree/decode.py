@@ -373,7 +373,7 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
         if sizer is not None:
             sizer.observe(tree, accepted.path, tree.size + 1, start, 1000 * (t2 - t1),
                           1000 * (times.build + times.walk), round_ms=1000 * (t3 - t0),
-                          draft_ms=1000 * times.draft)
+                          draft_ms=1000 * times.draft, bonus=accepted.bonus)
         yield Step(tokens=tokens, tree_size=tree.size, accept_len=accepted.accept_len, times=times,
                    seconds=t3 - t0, finished=finished, tree=tree, path=accepted.path,
                    predicted_raw=prediction[0] if prediction else None,

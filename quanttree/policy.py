@@ -204,11 +204,11 @@ class Savings:
 class DrafterWorth:
     """Whether a round's drafter pass is worth its time when n-gram lookup already proposes.
 
-    Per bin of lookup's calibrated chance that its first token is right, the decayed mean of what
-    the drafter's nodes were observed to add on rounds that drafted: the accepted tokens past
-    the accepted path's lookup-proposed prefix (what lookup's nodes alone would have stopped
-    at), minus the verify time the drafter-only nodes cost, in tokens at the current rate. Where
-    that is below the drafter pass's own price (rate * draft ms) the round verifies lookup's
+    Per bin of lookup's calibrated chance that its first token is right, the decayed mean net
+    gain of the rounds that drafted, in tokens (`drafter_net`): accepted tokens beyond those of
+    the lookup-only tree the sizer would have verified instead, minus what the drafted round's
+    extra time (the drafter pass, merging and sizing, the extra nodes' verify time) would have
+    decoded at the current rate. Where that mean is not positive the round verifies lookup's
     nodes alone; every `probe_every`-th such round drafts anyway, so the estimate follows the
     drafter and the text. Until a bin has `min_samples` rounds, and where lookup proposes
     nothing, the drafter runs."""
@@ -225,18 +225,17 @@ class DrafterWorth:
     def bin(cls, p: float) -> int:
         return int(np.searchsorted(cls.EDGES, p, side="right"))
 
-    def worth(self, p: float, price: float) -> bool:
-        """Run the drafter this round? p: lookup's first-token chance; price: tokens the pass's
-        time would buy at the current rate."""
+    def worth(self, p: float) -> bool:
+        """Run the drafter this round? p: lookup's calibrated first-token chance."""
         b = self.bin(p)
-        if self.weight[b] < self.min_samples or self.sum[b] / self.weight[b] > price:
+        if self.weight[b] < self.min_samples or self.sum[b] / self.weight[b] > 0.0:
             return True
         self.skips[b] += 1
         return self.skips[b] % self.probe_every == 0
 
-    def observe(self, p: float, added: float) -> None:
+    def observe(self, p: float, net: float) -> None:
         b = self.bin(p)
-        self.sum[b] = self.decay * self.sum[b] + added
+        self.sum[b] = self.decay * self.sum[b] + net
         self.weight[b] = self.decay * self.weight[b] + 1.0
 
     def state(self) -> dict:
@@ -378,8 +377,9 @@ class TreeSizer:
         self.min_nodes = min_nodes
         self.gate = SpeculationGate(cost, probe_every, max_probe_every, min_samples)  # auto's go/no-go
         self.worth = DrafterWorth()  # auto: skip the drafter pass where lookup's draft suffices
-        self._lookup_p: float | None = None  # this round's lookup first-token chance, if asked
-        self._worth_round: tuple | None = None  # (lookup_p, rate, verify curve) of a merged round, until observed
+        self._alone: tuple[float, Tree] | None = None  # (lookup's first-token chance, the lookup-only tree) if asked
+        self._worth_round: tuple | None = None  # _alone + (rate, verify curve) of a merged round, until observed
+        self.lookup_overhead_ms: float | None = None  # build + walk of a lookup-only round (decayed mean)
         self._expected = 0.0
         self.recent = [0.0, 0.0]  # decayed tokens and wall ms of this policy's rounds: its rate
         self.chosen: list[int] = []  # sizes chosen (0: a plain round); the exploring schedule indexes it
@@ -407,7 +407,8 @@ class TreeSizer:
                 "lookup_acceptance": [{"hits": c.hits.tolist(), "trials": c.trials.tolist()}
                                       for c in self.lookup_calibrators],
                 "expected_phi": None if self.expected_phi is None else self.expected_phi.tolist(),
-                **self.gate.state(), "recent": self.recent, "drafter_worth": self.worth.state()}
+                **self.gate.state(), "recent": self.recent, "drafter_net": self.worth.state(),
+                "lookup_overhead_ms": self.lookup_overhead_ms}
 
     def load_state(self, state: dict) -> None:
         acceptance = state.get("acceptance", {})
@@ -423,7 +424,8 @@ class TreeSizer:
         phi = state.get("expected_phi")
         self.expected_phi = None if phi is None else np.array(phi, dtype=float)
         self.gate.load_state(state)
-        self.worth.load_state(state.get("drafter_worth", {}))
+        self.worth.load_state(state.get("drafter_net", {}))  # not "drafter_worth": another accounting
+        self.lookup_overhead_ms = state.get("lookup_overhead_ms")
         self.recent = [float(x) for x in state.get("recent", self.recent)]
 
     def _curve(self, context: int, smooth: bool, nodes: int | None = None) -> np.ndarray:
@@ -472,8 +474,19 @@ class TreeSizer:
         if self.method != "auto" or self.schedule or lookup.size == 0:
             return True
         path = self.calibrate_sources(lookup)
-        self._lookup_p = float(min(path[lookup.depths.cpu().numpy() == 1].sum(), 1.0))
-        return self.worth.worth(self._lookup_p, self.rate(context) * self.cost.draft_ms(context))
+        p = float(min(path[lookup.depths.cpu().numpy() == 1].sum(), 1.0))
+        ranked, _, phi = self._ranked_gain(lookup, path)
+        n = best_size(phi, self._curve(context, smooth=False, nodes=lookup.size), self.rate(context))
+        self._alone = (p, prune(ranked, n))  # the counterfactual a drafted round is measured against
+        return self.worth.worth(p)
+
+    def _ranked_gain(self, tree: Tree, path: np.ndarray | None = None) -> tuple[Tree, torch.Tensor, np.ndarray]:
+        """A several-source tree ranked by its calibrated path probabilities, its pop order and
+        Phi (only the calibrated estimates are comparable across sources)."""
+        path = self.calibrate_sources(tree) if path is None else path
+        tree = ranked_by(tree, path)
+        order = pop_order(tree)
+        return tree, order, expected_gain(path[order.cpu().numpy()])
 
     def calibrate_sources(self, tree: Tree, sources: range | None = None) -> np.ndarray:
         """Calibrated path probabilities of a tree whose nodes carry per-source own probabilities:
@@ -502,16 +515,13 @@ class TreeSizer:
             # probabilities HOW MANY (ranking by the noisier calibrated cells makes worse trees)
             order = pop_order(tree)
             phi = expected_gain(self.calibrator.calibrate(tree)[order.cpu().numpy()])
-        else:  # several sources: only the calibrated estimates are comparable across them
-            path = self.calibrate_sources(tree)
-            tree = ranked_by(tree, path)
-            order = pop_order(tree)
-            phi = expected_gain(path[order.cpu().numpy()])
-            if drafted and self._lookup_p is not None and self.method == "auto":
-                # observed after verification: what the drafter's nodes added (DrafterWorth)
-                self._worth_round = (self._lookup_p, self.rate(context),
-                                     self._curve(context, smooth=False, nodes=tree.size))
-        self._lookup_p = None
+        else:
+            tree, order, phi = self._ranked_gain(tree)
+            if drafted and self._alone is not None and self.method == "auto":
+                # observed after verification: the drafted round's net gain (DrafterWorth)
+                nodes = max(tree.size, self._alone[1].size)
+                self._worth_round = (*self._alone, self.rate(context), self._curve(context, smooth=False, nodes=nodes))
+        self._alone = None
         if self.schedule:
             n = min(self.schedule[len(self.chosen) % len(self.schedule)], tree.size)
         elif self.method in RATE_RULE_METHODS:
@@ -546,14 +556,21 @@ class TreeSizer:
         return (self._predicted_raw, self._expected) if self._chose else None
 
     def observe(self, tree: Tree, path: torch.Tensor, tokens: int, context: int, verify_ms: float,
-                overhead_ms: float, round_ms: float | None = None, draft_ms: float = 0.0) -> None:
+                overhead_ms: float, round_ms: float | None = None, draft_ms: float = 0.0,
+                bonus: int | None = None) -> None:
         """After a verified round: acceptance, verify and draft times, the per-round overhead of a
         drafted round, and (auto) the measured wall time: a plain round's extras beyond its
-        verify forward, or what a drafted round saved against plain rounds."""
+        verify forward, or what a drafted round saved against plain rounds. bonus: the target's
+        token after the accepted path (auto needs it to judge a drafted round against lookup)."""
         accept_len = path.numel() - 1
-        if self._worth_round is not None:
-            self.worth.observe(self._worth_round[0], drafter_added(tree, path, *self._worth_round[1:]))
-            self._worth_round = None
+        if self._worth_round is not None and bonus is not None:
+            p, alone, rate, verify = self._worth_round
+            extra_ms = draft_ms + overhead_ms - (self.lookup_overhead_ms or 0.0)
+            self.worth.observe(p, drafter_net(tree, path, bonus, alone, rate, verify, extra_ms))
+        self._worth_round = None
+        if self._chose and not self._drafted and tree.size and not self.schedule:  # a lookup-only round
+            old = self.lookup_overhead_ms
+            self.lookup_overhead_ms = overhead_ms if old is None else 0.9 * old + 0.1 * overhead_ms
         if tree.own is None:
             self.calibrator.update(tree, path)
         else:
@@ -576,16 +593,32 @@ class TreeSizer:
         self._chose = self._drafted = self._plain_pending = False
 
 
-def drafter_added(tree: Tree, path: torch.Tensor, rate: float, verify: np.ndarray) -> float:
-    """What the drafter's nodes added to a verified merged tree, in tokens: accepted tokens past
-    the accepted path's lookup-proposed prefix, minus rate x the verify ms of the nodes only
-    the drafter proposed (verify[n] = C_v(n + 1 tokens))."""
-    from_lookup = ~np.isnan(tree.own[1:, 1:].float().cpu().numpy()).all(axis=1)  # [n]
-    accepted = path[1:].cpu().numpy() - 1
-    prefix = int(np.cumprod(from_lookup[accepted]).sum()) if accepted.size else 0
-    lookup_nodes = int(from_lookup.sum())
-    extra_ms = verify[min(tree.size, verify.size - 1)] - verify[min(lookup_nodes, verify.size - 1)]
-    return (accepted.size - prefix) - rate * extra_ms
+def matched_depth(tree: Tree, tokens: list[int]) -> int:
+    """How many of `tokens` a walk from the root follows through the tree (the tokens the target
+    would have accepted from it, had it verified this tree and produced these tokens)."""
+    parents, own = tree.parents.tolist(), tree.tokens.tolist()
+    node, depth = 0, 0
+    for tok in tokens:
+        node = next((i for i in range(1, tree.size + 1) if parents[i] == node and own[i] == tok), None)
+        if node is None:
+            break
+        depth += 1
+    return depth
+
+
+def drafter_net(tree: Tree, path: torch.Tensor, bonus: int, alone: Tree, rate: float, verify: np.ndarray,
+                extra_ms: float) -> float:
+    """A drafted round's net gain over the lookup-only round it replaced, in tokens: its accepted
+    tokens minus those the lookup-only tree `alone` would have had accepted (walked along the
+    tokens the target produced: exact for greedy decoding, an estimate when sampling; if
+    `alone` holds them all it might have gone further, so the drafter's loss is a lower bound),
+    minus rate x the extra time: `extra_ms` (measured: drafter pass, merging and sizing beyond
+    a lookup-only round's) plus the predicted verify ms of the extra nodes (verify[n] = C_v(n + 1)).
+    tree, path: the verified merged tree and its accepted path."""
+    produced = tree.tokens[path[1:]].tolist() + [bonus]
+    last = verify.size - 1
+    extra_ms += verify[min(tree.size, last)] - verify[min(alone.size, last)]
+    return (path.numel() - 1 - matched_depth(alone, produced)) - rate * extra_ms
 
 
 def _ema_curve(old: np.ndarray, new: np.ndarray, ema: float = 0.2) -> np.ndarray:

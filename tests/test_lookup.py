@@ -177,61 +177,93 @@ def test_lookup_rounds_sized_to_nothing_are_probed_so_a_wrong_never_gets_correct
     assert sizes[-1] == 6, sizes  # the probes taught it: the whole chain goes
 
 
-def test_drafter_worth_skips_the_pass_only_where_it_measured_no_gain():
+def test_drafter_worth_skips_the_pass_only_where_it_measured_no_net_gain():
     from quanttree.policy import DrafterWorth
 
     worth = DrafterWorth(probe_every=4)
-    assert worth.worth(0.99, price=0.3)  # nothing measured yet: draft
+    assert worth.worth(0.99)  # nothing measured yet: draft
     for _ in range(5):
-        worth.observe(0.99, added=0.05)  # lookup sure: the drafter added 0.05 tokens a round
-        worth.observe(0.3, added=0.9)  # lookup unsure: the drafter's nodes carried the round
-    decisions = [worth.worth(0.99, price=0.3) for _ in range(8)]
+        worth.observe(0.99, net=-0.25)  # lookup sure: drafted rounds decoded less than lookup's alone
+        worth.observe(0.3, net=0.6)  # lookup unsure: the drafter's nodes carried the round
+    decisions = [worth.worth(0.99) for _ in range(8)]
     assert decisions.count(True) == 2 and decisions[3] and decisions[7]  # only the probes draft
-    assert worth.worth(0.99, price=0.01)  # a cheap pass pays for its 0.05 tokens
-    assert all(worth.worth(0.3, price=0.3) for _ in range(8))  # measured worth its price
-    assert worth.worth(0.75, price=0.3)  # another bin: not measured yet
+    assert all(worth.worth(0.3) for _ in range(8))  # measured worth its time
+    assert worth.worth(0.75)  # another bin: not measured yet
 
 
-def test_drafter_added_counts_accepted_tokens_past_lookups_prefix_net_of_their_verify_time():
-    from quanttree.policy import drafter_added
-    from quanttree.tree import lookup_source, with_source
+def _merged_example():
+    from quanttree.tree import lookup_source
 
     look = with_source(lookup_tree([Continuation((5, 6), 2, 2)], root=0, budget=4), lookup_source(2))
     drafted = with_source(build_chain(torch.log_softmax(torch.tensor([[0.0, 0, 0, 0, 0, 9, 0, 0],
                                                                      [0.0, 0, 0, 0, 0, 0, 0, 9],
                                                                      [0.0, 0, 9, 0, 0, 0, 0, 0]]), -1), root=0), 0)
     merged, _ = merge_trees(drafted, look)  # 5 (both), then 7 -> 2 (drafter) beside 6 (lookup)
+    return look, merged, {int(t): i for i, t in enumerate(merged.tokens.tolist())}
+
+
+def test_drafter_net_compares_a_drafted_round_with_the_lookup_round_it_replaced():
+    from quanttree.policy import drafter_net, matched_depth, prune, ranked_by
+
+    look, merged, node = _merged_example()
     verify = np.array([10.0, 11.0, 12.0, 13.0, 14.0])  # 1 ms a node
-    by_token = {int(t): i for i, t in enumerate(merged.tokens.tolist())}
-    path = torch.tensor([0, by_token[5], by_token[7], by_token[2]])
-    assert drafter_added(merged, path, 0.1, verify) == pytest.approx(2 - 0.1 * 2)  # 7 and 2 are the drafter's
-    path = torch.tensor([0, by_token[5], by_token[6]])
-    assert drafter_added(merged, path, 0.1, verify) == pytest.approx(0 - 0.1 * 2)  # lookup's path alone
-    assert drafter_added(merged, torch.tensor([0]), 0.1, verify) == pytest.approx(-0.2)
+    assert matched_depth(look, [5, 6, 1]) == 2 and matched_depth(look, [5, 7]) == 1 and matched_depth(look, [4]) == 0
+    # the target took the drafter's 5 7 2, then 3: two tokens more than lookup's 5 6 would have
+    # given, for the 3 ms measured extra and the two extra nodes' 2 ms, at 0.1 tokens per ms
+    path = torch.tensor([0, node[5], node[7], node[2]])
+    assert drafter_net(merged, path, 3, look, 0.1, verify, 3.0) == pytest.approx(2 - 0.1 * 5)
+    # the target took lookup's path: the drafter added nothing and cost its time
+    path = torch.tensor([0, node[5], node[6]])
+    assert drafter_net(merged, path, 9, look, 0.1, verify, 3.0) == pytest.approx(0 - 0.1 * 5)
+    # the merged tree was pruned to 5 7 (the drafter's 7 displaced lookup's 6) and the target
+    # wanted 5 6: lookup alone would have had one token more; the old accounting called this 0
+    scores = torch.tensor([0.0, -0.1, -0.5, -3.0, -3.0])
+    scores[node[6]], scores[node[7]] = -3.0, -0.5
+    pruned = prune(ranked_by(merged, scores.exp().numpy()), 2)
+    assert sorted(pruned.tokens.tolist()[1:]) == [5, 7]
+    path = torch.tensor([0, 1])
+    assert drafter_net(pruned, path, 6, look, 0.1, verify, 3.0) == pytest.approx(-1 - 0.1 * (3.0 + 0.0))
 
 
-def test_sizer_learns_what_the_drafter_adds_to_a_sure_lookup_draft():
+def test_sizer_learns_whether_the_drafter_beats_a_sure_lookup_draft():
     from quanttree.costmodel import CostModel, CostProfile
     from quanttree.policy import TreeSizer
-    from quanttree.tree import lookup_source, with_source
+    from quanttree.tree import lookup_source
 
-    profile = CostProfile(key={}, sizes=[1, 2, 4, 8, 16], contexts=[1, 4096],
-                          verify_ms=[[10.0, 10.5, 11.0, 12.0, 14.0]] * 2, draft_ms=[6.0, 6.0])
-    sizer = TreeSizer("auto", CostModel(profile), cap=16)
-    sizer.recent = [50.0, 500.0]  # decoding at 0.1 tokens/ms: a 6 ms drafter pass costs 0.6 tokens
-    look = with_source(lookup_tree([Continuation((5, 6, 7, 8), 4, 3)], root=0, budget=8), lookup_source(3))
-    for _ in range(100):  # the lookup chain is always accepted
-        sizer.observe(look, torch.tensor([0, 1, 2, 3, 4]), 5, 100, 12.0, 0.1)
-    weak = build_chain(torch.log_softmax(torch.randn(4, 32), -1), root=0)  # an unsure drafter chain
-    runs = []
-    for _ in range(12):
-        runs.append(sizer.drafter_worth(look, 100))
-        if runs[-1]:
-            merged, _ = merge_trees(with_source(weak, 0), look)
-            sizer.choose(merged, 100)
-            sizer.observe(merged, torch.tensor([0]), 1, 100, 12.0, 0.1)
-    assert runs[:3] == [True] * 3 and runs.count(False) >= 7  # measured, then skipped but for probes
-    assert sizer.state()["drafter_worth"]["weight"][-1] > 0
+    def sizer_after(drafter_tokens: list[int], accepted: int) -> tuple[list[bool], dict]:
+        profile = CostProfile(key={}, sizes=[1, 2, 4, 8, 16], contexts=[1, 4096],
+                              verify_ms=[[10.0, 10.5, 11.0, 12.0, 14.0]] * 2, draft_ms=[6.0, 6.0])
+        sizer = TreeSizer("auto", CostModel(profile), cap=16)
+        sizer.recent = [50.0, 500.0]  # decoding at 0.1 tokens/ms: a 6 ms drafter pass costs 0.6 tokens
+        look = with_source(lookup_tree([Continuation((5, 6, 7, 8), 4, 3)], root=0, budget=8), lookup_source(3))
+        for _ in range(100):  # the lookup chain is always accepted
+            sizer.choose(look, 100, drafted=False)
+            sizer.observe(look, torch.tensor([0, 1, 2, 3, 4]), 5, 100, 12.0, 0.5, bonus=9)
+        logits = torch.full((len(drafter_tokens), 32), -9.0)
+        logits[torch.arange(len(drafter_tokens)), torch.tensor(drafter_tokens)] = 9.0
+        chain = with_source(build_chain(torch.log_softmax(logits, -1), root=0), 0)
+        runs = []
+        for _ in range(12):
+            runs.append(sizer.drafter_worth(look, 100))
+            if runs[-1]:
+                merged, _ = merge_trees(chain, look)
+                tree = sizer.choose(merged, 100)
+                path = [0]
+                for tok in (5, 6, 7, 8, 1, 2, 3)[:accepted]:  # the target's tokens, walked through the tree
+                    nxt = [i for i in range(1, tree.size + 1) if tree.parents[i] == path[-1] and tree.tokens[i] == tok]
+                    if not nxt:
+                        break
+                    path.append(nxt[0])
+                sizer.observe(tree, torch.tensor(path), tree.size + 1, 100, 13.0, 1.0, draft_ms=6.0, bonus=4)
+        return runs, sizer.state()
+
+    # a drafter that only repeats lookup's tokens adds nothing for its 6 ms: skipped but for probes
+    runs, state = sizer_after([5, 6, 7, 8], accepted=4)
+    assert runs[:3] == [True] * 3 and runs.count(False) >= 7
+    assert state["drafter_net"]["weight"][-1] > 0 and "drafter_worth" not in state
+    # one whose chain the target follows three tokens past lookup's: worth its pass every round
+    runs, _ = sizer_after([5, 6, 7, 8, 1, 2, 3], accepted=7)
+    assert all(runs)
 
 
 def test_exclusive_rates_scale_siblings_that_promise_more_than_one_token():
