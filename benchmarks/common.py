@@ -89,4 +89,6 @@ def paired_runs(args, arms: tuple, run):
 def paired_ratio(a: list[dict], b: list[dict], key: str = "speedup") -> str:
     """Mean ± standard error of the per-run ratios a/b (runs paired by position)."""
     ratios = [x[key] / y[key] for x, y in zip(a, b)]
+    if len(ratios) < 2:
+        return f"{statistics.mean(ratios):.3f} (one run)"
     return f"{statistics.mean(ratios):.3f} ±{statistics.stdev(ratios) / len(ratios) ** 0.5:.3f}"
