@@ -82,15 +82,21 @@ def prune(tree: Tree, n: int) -> Tree:
 
 
 def exclusive_rates(parents: np.ndarray, rate: np.ndarray) -> np.ndarray:
-    """Each parent's children's rates [n+1] (root first) scaled down, in proportion, to sum to
-    at most 1. Siblings are exclusive (the target takes one token after a node), but rates
-    calibrated per source or per bin do not know it: a lookup token, a corpus token and a
-    drafter token each at 0.5 would promise 1.5 accepted tokens where at most one can be.
-    (Letting the best sibling keep its rate measured slower: benchmarks/sibling_rates.py.)"""
-    total = np.zeros(rate.size)
-    np.add.at(total, parents[1:], rate[1:])
+    """Each parent's children's rates [n+1] (root first) made to sum to at most 1, best first:
+    the best-rated child keeps its rate, each next one gets at most what the better ones leave.
+    Siblings are exclusive (the target takes one token after a node), but rates calibrated per
+    source or per bin do not know it: a lookup token, a corpus token and a drafter token each
+    at 0.5 would promise 1.5 accepted tokens where at most one can be. Scaling them all in
+    proportion instead (the rule until session 20) let a drafter's sibling halve a sure lookup
+    chain's path probabilities at every depth, so merged trees were cut to a few nodes and
+    accepted less than lookup's alone (benchmarks/sibling_rates.py, benchmarks/drafter_worth.py)."""
     out = rate.copy()
-    out[1:] /= np.maximum(total[parents[1:]], 1.0)
+    order = np.lexsort((-rate[1:], parents[1:])) + 1  # by parent, best rate first within it
+    r, p = rate[order], parents[order]
+    total = np.cumsum(r)
+    first = np.concatenate([[True], p[1:] != p[:-1]])
+    within = total - np.maximum.accumulate(np.where(first, total - r, 0.0))  # sum so far among siblings
+    out[order] = np.minimum(within, 1.0) - np.minimum(within - r, 1.0)
     return out
 
 
@@ -205,8 +211,8 @@ class DrafterWorth:
     """Whether a round's drafter pass is worth its time when n-gram lookup already proposes.
 
     Per bin of lookup's calibrated chance that its first token is right, the decayed mean net
-    gain of the rounds that drafted, in tokens (`drafter_net`): accepted tokens beyond those of
-    the lookup-only tree the sizer would have verified instead, minus what the drafted round's
+    gain of the rounds that drafted, in tokens (`Counterfactual`): accepted tokens beyond those
+    of the lookup-only tree the sizer would have verified instead, minus what the drafted round's
     extra time (the drafter pass, merging and sizing, the extra nodes' verify time) would have
     decoded at the current rate. Where that mean is not positive the round verifies lookup's
     nodes alone; every `probe_every`-th such round drafts anyway, so the estimate follows the
@@ -379,6 +385,7 @@ class TreeSizer:
         self.worth = DrafterWorth()  # auto: skip the drafter pass where lookup's draft suffices
         self._alone: tuple[float, Tree] | None = None  # (lookup's first-token chance, the lookup-only tree) if asked
         self._worth_round: tuple | None = None  # _alone + (rate, verify curve) of a merged round, until observed
+        self._judging: list[Counterfactual] = []  # drafted rounds whose lookup-only alternative is still matching
         self.lookup_overhead_ms: float | None = None  # build + walk of a lookup-only round (decayed mean)
         self._expected = 0.0
         self.recent = [0.0, 0.0]  # decayed tokens and wall ms of this policy's rounds: its rate
@@ -450,6 +457,9 @@ class TreeSizer:
 
     def start_sequence(self) -> None:
         self.gate.start_sequence()
+        for c in self._judging:  # the sequence ended while lookup's tree still matched: as far as it went
+            self.worth.observe(c.p, c.net())
+        self._judging = []
 
     def should_draft(self, context: int) -> bool:
         if self.schedule:  # exploring: a size of 0 is a plain round (no drafter), measured as one
@@ -566,7 +576,15 @@ class TreeSizer:
         if self._worth_round is not None and bonus is not None:
             p, alone, rate, verify = self._worth_round
             extra_ms = draft_ms + overhead_ms - (self.lookup_overhead_ms or 0.0)
-            self.worth.observe(p, drafter_net(tree, path, bonus, alone, rate, verify, extra_ms))
+            last = verify.size - 1
+            extra_ms += verify[min(tree.size, last)] - verify[min(alone.size, last)]
+            self._judging.append(Counterfactual(p, alone, accept_len, rate * extra_ms))
+        if bonus is not None and self._judging:
+            produced = tree.tokens[path[1:]].tolist() + [bonus]
+            for c in self._judging:
+                if c.follow(produced):
+                    self.worth.observe(c.p, c.net())
+            self._judging = [c for c in self._judging if not c.done]
         self._worth_round = None
         if self._chose and not self._drafted and tree.size and not self.schedule:  # a lookup-only round
             old = self.lookup_overhead_ms
@@ -593,32 +611,38 @@ class TreeSizer:
         self._chose = self._drafted = self._plain_pending = False
 
 
-def matched_depth(tree: Tree, tokens: list[int]) -> int:
-    """How many of `tokens` a walk from the root follows through the tree (the tokens the target
-    would have accepted from it, had it verified this tree and produced these tokens)."""
-    parents, own = tree.parents.tolist(), tree.tokens.tolist()
-    node, depth = 0, 0
-    for tok in tokens:
-        node = next((i for i in range(1, tree.size + 1) if parents[i] == node and own[i] == tok), None)
-        if node is None:
-            break
-        depth += 1
-    return depth
+class Counterfactual:
+    """A drafted round judged against the lookup-only round it replaced (`DrafterWorth`).
 
+    Its net gain in tokens: accepted tokens minus those the lookup-only tree `alone` would have
+    had accepted, minus `cost` (rate x the drafted round's extra ms: drafter pass, merging and
+    sizing beyond a lookup-only round's, and the predicted verify ms of the extra nodes). The
+    lookup-only count is the walk of `alone` along the tokens the target commits: this round's,
+    then, while lookup's tree still matches (a merged round that cut lookup's chain short), the
+    next rounds' -- exact for greedy decoding, an estimate when sampling."""
 
-def drafter_net(tree: Tree, path: torch.Tensor, bonus: int, alone: Tree, rate: float, verify: np.ndarray,
-                extra_ms: float) -> float:
-    """A drafted round's net gain over the lookup-only round it replaced, in tokens: its accepted
-    tokens minus those the lookup-only tree `alone` would have had accepted (walked along the
-    tokens the target produced: exact for greedy decoding, an estimate when sampling; if
-    `alone` holds them all it might have gone further, so the drafter's loss is a lower bound),
-    minus rate x the extra time: `extra_ms` (measured: drafter pass, merging and sizing beyond
-    a lookup-only round's) plus the predicted verify ms of the extra nodes (verify[n] = C_v(n + 1)).
-    tree, path: the verified merged tree and its accepted path."""
-    produced = tree.tokens[path[1:]].tolist() + [bonus]
-    last = verify.size - 1
-    extra_ms += verify[min(tree.size, last)] - verify[min(alone.size, last)]
-    return (path.numel() - 1 - matched_depth(alone, produced)) - rate * extra_ms
+    def __init__(self, p: float, alone: Tree, accepted: int, cost: float):
+        self.p, self.accepted, self.cost = p, accepted, cost
+        parents, tokens = alone.parents.tolist(), alone.tokens.tolist()
+        self.child = {(parents[i], tokens[i]): i for i in range(1, alone.size + 1)}
+        self.leaf = set(range(alone.size + 1)) - set(parents[1:])
+        self.node, self.depth, self.done = 0, 0, alone.size == 0
+
+    def follow(self, tokens: list[int]) -> bool:
+        """Walk on along committed tokens; True once the walk has ended (judge it now)."""
+        for tok in tokens:
+            if self.done:
+                break
+            nxt = self.child.get((self.node, tok))
+            if nxt is None:
+                self.done = True
+            else:
+                self.node, self.depth = nxt, self.depth + 1
+                self.done = nxt in self.leaf
+        return self.done
+
+    def net(self) -> float:
+        return self.accepted - self.depth - self.cost
 
 
 def _ema_curve(old: np.ndarray, new: np.ndarray, ema: float = 0.2) -> np.ndarray:

@@ -202,27 +202,30 @@ def _merged_example():
     return look, merged, {int(t): i for i, t in enumerate(merged.tokens.tolist())}
 
 
-def test_drafter_net_compares_a_drafted_round_with_the_lookup_round_it_replaced():
-    from quanttree.policy import drafter_net, matched_depth, prune, ranked_by
+def test_counterfactual_follows_lookups_tree_into_later_rounds():
+    from quanttree.policy import Counterfactual, prune, ranked_by
 
     look, merged, node = _merged_example()
-    verify = np.array([10.0, 11.0, 12.0, 13.0, 14.0])  # 1 ms a node
-    assert matched_depth(look, [5, 6, 1]) == 2 and matched_depth(look, [5, 7]) == 1 and matched_depth(look, [4]) == 0
     # the target took the drafter's 5 7 2, then 3: two tokens more than lookup's 5 6 would have
-    # given, for the 3 ms measured extra and the two extra nodes' 2 ms, at 0.1 tokens per ms
-    path = torch.tensor([0, node[5], node[7], node[2]])
-    assert drafter_net(merged, path, 3, look, 0.1, verify, 3.0) == pytest.approx(2 - 0.1 * 5)
-    # the target took lookup's path: the drafter added nothing and cost its time
-    path = torch.tensor([0, node[5], node[6]])
-    assert drafter_net(merged, path, 9, look, 0.1, verify, 3.0) == pytest.approx(0 - 0.1 * 5)
-    # the merged tree was pruned to 5 7 (the drafter's 7 displaced lookup's 6) and the target
-    # wanted 5 6: lookup alone would have had one token more; the old accounting called this 0
+    # given, less the drafted round's extra time (0.5 tokens at the current rate)
+    c = Counterfactual(0.9, look, accepted=3, cost=0.5)
+    assert c.follow([5, 7, 2, 3]) and c.net() == pytest.approx(3 - 1 - 0.5)
+    # the target took lookup's path, which ends there: the drafter added nothing and cost its time
+    c = Counterfactual(0.9, look, accepted=2, cost=0.5)
+    assert c.follow([5, 6, 9]) and c.net() == pytest.approx(-0.5)
+    # the merged tree was pruned to 5 7 (the drafter's 7 displaced lookup's 6), the target took 5
+    # then wanted 6: lookup alone would have had both; judged when its tree stops matching
     scores = torch.tensor([0.0, -0.1, -0.5, -3.0, -3.0])
     scores[node[6]], scores[node[7]] = -3.0, -0.5
     pruned = prune(ranked_by(merged, scores.exp().numpy()), 2)
     assert sorted(pruned.tokens.tolist()[1:]) == [5, 7]
-    path = torch.tensor([0, 1])
-    assert drafter_net(pruned, path, 6, look, 0.1, verify, 3.0) == pytest.approx(-1 - 0.1 * (3.0 + 0.0))
+    c = Counterfactual(0.9, look, accepted=1, cost=-0.1)
+    assert c.follow([5, 6]) and c.net() == pytest.approx(1 - 2 + 0.1)
+    # a longer lookup chain cut after its first token: the next rounds' tokens decide
+    chain = with_source(lookup_tree([Continuation((5, 6, 7, 8), 4, 3)], root=0, budget=8), 2)
+    c = Counterfactual(0.9, chain, accepted=0, cost=0.0)
+    assert not c.follow([5]) and not c.follow([6, 7])  # still matching after two rounds
+    assert c.follow([8, 1]) and c.net() == pytest.approx(0 - 4)  # lookup alone: all four at once
 
 
 def test_sizer_learns_whether_the_drafter_beats_a_sure_lookup_draft():
@@ -259,6 +262,9 @@ def test_sizer_learns_whether_the_drafter_beats_a_sure_lookup_draft():
 
     # a drafter that only repeats lookup's tokens adds nothing for its 6 ms: skipped but for probes
     runs, state = sizer_after([5, 6, 7, 8], accepted=4)
+    # one whose own first token displaces lookup's sure chain: lookup alone does better
+    runs_wrong, _ = sizer_after([9, 1, 2, 3], accepted=4)
+    assert runs_wrong[:3] == [True] * 3 and runs_wrong.count(False) >= 7
     assert runs[:3] == [True] * 3 and runs.count(False) >= 7
     assert state["drafter_net"]["weight"][-1] > 0 and "drafter_worth" not in state
     # one whose chain the target follows three tokens past lookup's: worth its pass every round
@@ -266,12 +272,17 @@ def test_sizer_learns_whether_the_drafter_beats_a_sure_lookup_draft():
     assert all(runs)
 
 
-def test_exclusive_rates_scale_siblings_that_promise_more_than_one_token():
+def test_exclusive_rates_cap_siblings_that_promise_more_than_one_token_best_first():
     from quanttree.policy import exclusive_rates
 
-    parents = np.array([-1, 0, 0, 0, 1, 4, 4])
-    rate = np.array([1.0, 0.5, 0.9, 0.6, 0.8, 0.2, 0.3])  # root's children sum to 2.0; node 4's to 0.5
-    np.testing.assert_allclose(exclusive_rates(parents, rate), [1.0, 0.25, 0.45, 0.3, 0.8, 0.2, 0.3])
+    parents = np.array([-1, 0, 0, 0, 1, 4, 4, 3, 3])
+    rate = np.array([1.0, 0.5, 0.9, 0.6, 0.8, 0.2, 0.3, 0.7, 0.7])  # root's children sum to 2.0; node 4's to 0.5
+    # the root's best child keeps 0.9, the next gets the 0.1 left, the third nothing; node 4's
+    # children fit; node 3's tie: the first keeps 0.7, the second gets 0.3
+    np.testing.assert_allclose(exclusive_rates(parents, rate), [1.0, 0.0, 0.9, 0.1, 0.8, 0.2, 0.3, 0.7, 0.3])
+    # a drafter's sibling beside a sure lookup token leaves the lookup chain its rate
+    np.testing.assert_allclose(exclusive_rates(np.array([-1, 0, 0, 1]), np.array([1.0, 0.95, 0.6, 0.9])),
+                               [1.0, 0.95, 0.05, 0.9])
 
 
 def test_sibling_rates_from_several_sources_never_promise_more_than_one_token():
