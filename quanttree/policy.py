@@ -485,10 +485,12 @@ class TreeSizer:
             return True
         path = self.calibrate_sources(lookup)
         p = float(min(path[lookup.depths.cpu().numpy() == 1].sum(), 1.0))
+        if not self.worth.worth(p):
+            return False
         ranked, _, phi = self._ranked_gain(lookup, path)
         n = best_size(phi, self._curve(context, smooth=False, nodes=lookup.size), self.rate(context))
         self._alone = (p, prune(ranked, n))  # the counterfactual a drafted round is measured against
-        return self.worth.worth(p)
+        return True
 
     def _ranked_gain(self, tree: Tree, path: np.ndarray | None = None) -> tuple[Tree, torch.Tensor, np.ndarray]:
         """A several-source tree ranked by its calibrated path probabilities, its pop order and
