@@ -67,6 +67,39 @@ def test_seeded_sampling_is_reproducible(embedded_engine):
     assert a.token_ids != c.token_ids
 
 
+def sorted_nucleus(probs, top_p):
+    """Top-p by a full sort: the descending prefix whose preceding mass is below top_p, plus every
+    token tied with its last one."""
+    s, order = torch.sort(probs, dim=-1, descending=True)
+    kept = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, (s.cumsum(-1) - s) < top_p)
+    return probs >= torch.where(kept, probs, torch.full_like(probs, 2.0)).amin(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("spread", [0.3, 1.0, 4.0, 16.0])
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.999])
+def test_nucleus_equals_a_full_sort(spread, top_p):
+    from quanttree.sampling import nucleus
+
+    gen = torch.Generator().manual_seed(int(spread * 10) + int(top_p * 1000))
+    logits = (torch.randn(24, 3000, generator=gen) * spread).bfloat16().float()  # bf16: many exact ties
+    probs = torch.softmax(logits, dim=-1)
+    kept = nucleus(probs, top_p, first=8)  # small first window: flat rows take the growing path
+    assert torch.equal(kept, sorted_nucleus(probs, top_p))
+    assert bool(kept.any(-1).all())
+    mass = (probs * kept).sum(-1)
+    edge = torch.where(kept, probs, torch.full_like(probs, 2.0)).amin(-1, keepdim=True)
+    assert bool((mass >= top_p - 1e-5).all())  # enough mass, and no less would do:
+    assert bool((mass - (probs * (probs == edge)).sum(-1) < top_p).all())
+
+
+def test_nucleus_keeps_ties_at_its_edge_together():
+    from quanttree.sampling import nucleus
+
+    probs = torch.tensor([[0.4, 0.3, 0.3, 0.0], [0.25, 0.25, 0.25, 0.25], [0.7, 0.2, 0.1, 0.0]])
+    assert nucleus(probs, 0.5, first=1).tolist() == [[True, True, True, False], [True] * 4,
+                                                     [True, False, False, False]]
+
+
 def test_stream_deltas_add_up_and_stop_strings(embedded_engine):
     events = list(embedded_engine.stream(PROMPT, max_new_tokens=30, method="ar"))
     assert "".join(e.delta for e in events) == events[-1].text
