@@ -21,7 +21,7 @@ from .policy import ADAPTIVE_METHODS, TreeSizer, prune
 from .sampling import SamplingParams, make_generator, select_tokens
 from .target import Target
 from .tree import Tree, build_branch_tree, build_chain, build_tree, compile_tree, corpus_source, lookup_source, \
-    map_tokens, merge_trees, rejection_boundaries, root_only, subtree, walk, with_source
+    map_tokens, merge_trees, rejection_boundaries, root_only, subtree, walk, walk_drawn, with_source
 
 DRAFT_METHODS = ("dflash", "ddtree", "d2sd", "caddtree", "bastion")  # need a DFlash drafter
 METHODS = ("ar", "lookup") + DRAFT_METHODS + ("auto",)  # auto: drafter and/or n-gram lookup
@@ -353,8 +353,10 @@ def decode(target: Target, drafter: DFlashDrafter | None, prompt_ids: list[int],
         out = target.forward(inputs.input_ids, inputs.position_ids, cache, inputs.attention_mask, layers)
         t2 = clock()
         times.verify += t2 - t1
-        target_tokens = select_tokens(out.logits, cfg.sampling, gen).to(tree.tokens.device)
-        accepted = walk(tree, target_tokens, inputs.ancestors)
+        if cfg.sampling.greedy:
+            accepted = walk(tree, select_tokens(out.logits, cfg.sampling).to(tree.tokens.device), inputs.ancestors)
+        else:  # draws only where the walk goes: one per committed token, as plain decoding draws
+            accepted = walk_drawn(tree, lambda node: int(select_tokens(out.logits[node:node + 1], cfg.sampling, gen)[0]))
         if saved is not None and accepted.path.numel() < tree.size + 1:
             replay(target, cache, saved, tree.tokens[accepted.path], start)
             times.verify += clock() - t2

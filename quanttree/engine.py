@@ -181,11 +181,11 @@ class Engine:
         reason = exact_unavailable(self)
         if exact and reason:
             raise QuanttreeError(f"exact mode is not available here: {reason}")
-        rows = min_exact_rows(self.target.model)[0] if not reason else None
+        rows = min_exact_rows(self.target.model) if not reason else None
         if exact is None:
-            exact = reason is None and rows <= EXACT_DEFAULT_ROWS
+            exact = reason is None and rows.least <= EXACT_DEFAULT_ROWS
         if bool(exact) != self.target.exact:
-            self.target.set_exact(bool(exact), rows or 2)
+            self.target.set_exact(bool(exact), rows.least if exact else 2, rows.most if exact else None)
             self._cost, self._learned, self._sizers = None, {}, {}
 
     def cost_model(self, progress: bool = True, remeasure: bool = False) -> CostModel:
@@ -245,8 +245,9 @@ class Engine:
         size and acceptance statistics, so `auto` starts calibrated; saved beside the profile."""
         from tqdm import tqdm
 
-        sizer = self.sizer("auto", DEFAULT_CAP)
-        sizer.explore([n - 1 for n in self._cost.profile.sizes if n - 1 <= DEFAULT_CAP])
+        cap = self.target.max_nodes(DEFAULT_CAP)
+        sizer = self.sizer("auto", cap)
+        sizer.explore([n - 1 for n in self._cost.profile.sizes if n - 1 <= cap])
         try:
             for prompt in tqdm(WARMUP_PROMPTS, desc="calibrating acceptance", unit="prompt", disable=not progress):
                 # as users prompt (chat template when known): a drafter trained on chat answers is
@@ -296,7 +297,7 @@ class Engine:
                       seed: int | None, budget: int | None, branches: int = 4) -> DecodeConfig:
         cfg = request_config(method or self.default_method, max_new_tokens, temperature, top_p, top_k, seed, budget,
                              branches, has_drafter=self.drafter is not None)
-        return replace(cfg, eos_token_ids=self.eos_token_ids)
+        return replace(cfg, eos_token_ids=self.eos_token_ids, budget=self.target.max_nodes(cfg.budget))
 
     def check_length(self, prompt_ids: list[int], max_new_tokens: int) -> None:
         if not prompt_ids:
@@ -578,9 +579,9 @@ def measure_profile(engine, sizes=None, contexts=None, repeats: int = 5, warmup:
     from .costmodel import DEFAULT_CONTEXTS, DEFAULT_SIZES, median_ms, model_shape
     from .tree import build_chain, build_tree, compile_tree
 
-    sizes = sizes or DEFAULT_SIZES
-    contexts = contexts or DEFAULT_CONTEXTS
     target, clock = engine.target, Clock(engine.device)
+    sizes = [s for s in sizes or DEFAULT_SIZES if target.max_rows is None or s <= target.max_rows]  # exact mode's range
+    contexts = contexts or DEFAULT_CONTEXTS
     gen = torch.Generator().manual_seed(0)
     limit = target.max_positions or 4096
     contexts = [c for c in contexts if c + max(sizes) < limit] or [min(contexts)]
@@ -643,9 +644,9 @@ def exact_unavailable(engine: Engine) -> str | None:
     if not supports_exact_attention(engine.target.model):
         return (f"{type(engine.target.model).__name__} does not take a pluggable attention function "
                 "(transformers' AttentionInterface)")
-    rows, differs = min_exact_rows(engine.target.model)
-    if rows is None:
-        return f"on this device a matmul rounds a row differently by how many rows share it: {differs}"
+    rows = min_exact_rows(engine.target.model)
+    if rows.least is None:
+        return f"on this device a matmul rounds a row differently by how many rows share it: {rows.why}"
     return None
 
 

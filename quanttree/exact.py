@@ -29,6 +29,7 @@ each row's keys for that costs more than the calls it saves (`benchmarks/results
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -69,25 +70,38 @@ def use_exact_attention(model) -> bool:
 
 
 MIN_ROWS_TRIED = (2, 4, 8, 16)
+MAX_ROWS_CHECKED = 65  # the default cap of 64 drafted nodes, plus the root
 
 
-def min_exact_rows(model) -> tuple[int | None, str | None]:
-    """`matmul_min_rows` of the model, checked once per loaded model."""
+class RowRange(NamedTuple):
+    """Row counts over which every matmul of a model gives a row the same numbers: exact mode
+    pads a forward of fewer than `least` rows up to `least` and verifies at most `most` rows;
+    `why` (and no range) when no range of at least 2 * least + 1 rows holds on this device."""
+
+    least: int | None
+    most: int | None
+    why: str | None = None
+
+
+def min_exact_rows(model) -> RowRange:
+    """`matmul_row_range` of the model, checked once per loaded model."""
     if model not in _row_checks:
-        _row_checks[model] = matmul_min_rows(model)
+        _row_checks[model] = matmul_row_range(model)
     return _row_checks[model]
 
 
 _row_checks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def matmul_min_rows(model, rows: int = 48) -> tuple[int | None, str | None]:
-    """The fewest rows from which every matmul of the model gives a row the same numbers however
-    many rows share the call, on this device (a one-row call takes a gemv kernel; fp32 MKL
-    switches kernels up to 3 rows): exact mode pads every forward after the prompt to that many.
-    -> (rows, None), or (None, the first module that differs at every count tried).
-    Plain linears are checked on their first 4,096 output rows (the head's full width costs
-    seconds on a CPU for large vocabularies); quantized ones whole, when not larger than that."""
+def matmul_row_range(model, limit: int = MAX_ROWS_CHECKED) -> RowRange:
+    """The row counts over which every matmul of the model gives a row the same numbers however
+    many rows share the call, on this device. A one-row call takes a gemv kernel and fp32 MKL
+    switches kernels up to 3 rows (so a range starts at 2, 4, 8 or 16 rows: the fewest that
+    works); bf16 on AMX CPUs switches above 32 rows (576 inputs) or 66 (192 outputs), so a range
+    can also end. Every count from `least` to `limit` is checked, in two placements, against
+    calls of exactly `least` rows. Plain linears are checked on their first 4,096 output rows
+    (the head's full width costs seconds on a CPU for large vocabularies); quantized ones whole,
+    when not larger than that."""
     import torch.nn.functional as F
 
     checks = []
@@ -106,24 +120,31 @@ def matmul_min_rows(model, rows: int = 48) -> tuple[int | None, str | None]:
         elif (getattr(module, "out_features", 0) or 0) <= 4096:
             checks.append((name, module, module, dtype, weight.device))
     gen = torch.Generator().manual_seed(0)
+    rows = 2 * limit + 3
     inputs = [torch.randn(rows, m.in_features, generator=gen).to(device=dev, dtype=dt) for _, m, _, dt, dev in checks]
     failed = None
     for least in MIN_ROWS_TRIED:
-        failed = _first_row_dependent(checks, inputs, (least, least + 1, least + 3, 2 * least + 1))
-        if failed is None:
-            return least, None
-    return None, f"{failed} (rows differ at every row count from {MIN_ROWS_TRIED[0]} to {MIN_ROWS_TRIED[-1]})"
+        most, failed = limit, None
+        with torch.inference_mode():
+            for (name, module, run, _, _), x in zip(checks, inputs):
+                agree = _agreeing_rows(run, x, least, most)
+                if agree < most:
+                    most, failed = agree, f"{name} ({type(module).__name__}, {agree + 1} rows against {least})"
+        if most >= 2 * least + 1:
+            return RowRange(least, most)
+    return RowRange(None, None, f"{failed} (no range of row counts agrees, from each of "
+                                f"{', '.join(map(str, MIN_ROWS_TRIED))} rows up)")
 
 
-def _first_row_dependent(checks, inputs, sizes) -> str | None:
-    with torch.inference_mode():
-        for (name, module, run, _, _), x in zip(checks, inputs):
-            full = run(x)
-            for size in sizes:
-                for start in range(0, x.shape[0] - size + 1, size):
-                    if not torch.equal(run(x[start:start + size]), full[start:start + size]):
-                        return f"{name} ({type(module).__name__}, {size} rows against {x.shape[0]})"
-    return None
+def _agreeing_rows(run, x, least: int, most: int) -> int:
+    """The largest m <= most such that calls of least..m rows, placed at row 0 and at row 3, give
+    the rows that calls of exactly `least` rows give (least - 1: not even those agree)."""
+    ref = torch.cat([run(x[s:s + least]) for s in range(0, x.shape[0] - least + 1, least)])
+    for size in range(least, most + 1):
+        for start in (0, 3):
+            if not torch.equal(run(x[start:start + size]), ref[start:start + size]):
+                return size - 1
+    return most
 
 
 def exact_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

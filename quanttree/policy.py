@@ -543,6 +543,7 @@ class TreeSizer:
             fixed = self.cost.draft_ms(context) + self.overhead_ms
             n = max(greedy_size(phi, self._curve(context, smooth=True, nodes=tree.size), fixed),
                     min(self.min_nodes, tree.size))
+        n = min(n, self.cap)  # merged sources can hold up to twice the build budget
         self.expected_phi = phi if self.expected_phi is None else _ema_curve(self.expected_phi, phi)
         self.chosen.append(n)
         recent = max(self.chosen[-16:], default=0)

@@ -28,6 +28,7 @@ class Target:
 
         self.exact = getattr(model.config, "_attn_implementation", None) == NAME  # a model shared by engines
         self.min_rows = 2
+        self.max_rows: int | None = None  # exact mode: the most rows a forward after the prompt may hold
         self._attn_default = "sdpa" if self.exact else getattr(model.config, "_attn_implementation", None)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.config = config
@@ -59,11 +60,11 @@ class Target:
             if was:
                 self.set_exact(True)
 
-    def set_exact(self, on: bool, min_rows: int = 2) -> None:
+    def set_exact(self, on: bool, min_rows: int = 2, max_rows: int | None = None) -> None:
         """Exact mode: every token's numbers are the same whether it is decoded alone or verified
-        in a tree (row-exact attention, and no forward after the prompt runs on fewer than
-        `min_rows` rows: a one-row matmul takes a gemv kernel, fp32 MKL switches kernels up to 3
-        rows; exact.min_exact_rows measures it). See quanttree/exact.py."""
+        in a tree (row-exact attention, and every forward after the prompt runs on `min_rows` to
+        `max_rows` rows: a one-row matmul takes a gemv kernel, fp32 MKL switches kernels up to 3
+        rows, bf16 on AMX above 32; exact.min_exact_rows measures the range). See quanttree/exact.py."""
         from .exact import NAME, use_exact_attention
 
         if on:
@@ -75,6 +76,11 @@ class Target:
             self.model.set_attn_implementation(self._attn_default or "sdpa")
         self.exact = on
         self.min_rows = min_rows
+        self.max_rows = max_rows if on else None
+
+    def max_nodes(self, budget: int) -> int:
+        """The drafted nodes a round may verify: `budget`, within exact mode's row range (root included)."""
+        return budget if self.max_rows is None else max(1, min(budget, self.max_rows - 1))
 
     def _capture(self, layer_ids: tuple[int, ...]) -> None:
         """Keep the outputs of these layers on every forward: hidden_states[i + 1] in
@@ -118,10 +124,14 @@ class Target:
         """
         self._capture(feature_layers)
         n = input_ids.shape[-1]
-        padded = self.exact and n < self.min_rows and cache.get_seq_length() > 0 and not has_recurrent_state(cache)
+        past = cache.get_seq_length()
+        if self.max_rows is not None and past > 0 and n > self.max_rows:
+            raise QuanttreeError(f"exact mode verifies at most {self.max_rows} tokens per forward on this device "
+                                 f"(its matmuls switch kernels above that), got {n}: lower the budget")
+        padded = self.exact and n < self.min_rows and past > 0 and not has_recurrent_state(cache)
         if padded:
-            input_ids, position_ids, attention_mask = pad_rows(input_ids, position_ids, attention_mask,
-                                                               cache.get_seq_length(), self.dtype, self.min_rows)
+            input_ids, position_ids, attention_mask = pad_rows(input_ids, position_ids, attention_mask, past,
+                                                               self.dtype, self.min_rows)
         if attention_mask is not None:
             attention_mask = self.layer_masks(attention_mask, position_ids)
         out = self.model(

@@ -288,6 +288,24 @@ def walk(tree: Tree, target_tokens: torch.Tensor, ancestors: torch.Tensor | None
     return Acceptance(path=path, bonus=int(target_tokens[last]))
 
 
+def walk_drawn(tree: Tree, draw) -> Acceptance:
+    """Sampling's walk: draw the target's token at the root, go to the child holding it, draw
+    there, and so on; the first draw no child holds is the bonus. draw(node) -> token id.
+
+    Only the nodes the walk visits are drawn: the same distribution as a draw at every node (the
+    others are never read), one draw per committed token in commit order, as plain decoding
+    draws, and a fraction of the cost when a draw (top-p, softmax over the vocabulary) costs more
+    per row than the target's forward does. Trees are tries: siblings hold distinct tokens."""
+    child = {(p, t): i for i, (p, t) in enumerate(zip(tree.parents.tolist(), tree.tokens.tolist())) if i}
+    path = [0]
+    while True:
+        token = draw(path[-1])
+        nxt = child.get((path[-1], token))
+        if nxt is None:
+            return Acceptance(path=torch.tensor(path, dtype=torch.long, device=tree.tokens.device), bonus=token)
+        path.append(nxt)
+
+
 def rejection_boundaries(chain_log_probs: torch.Tensor, count: int) -> torch.Tensor:
     """D2SD's likely rejection points: r(i) = prod_{k<i} c_k * (1 - c_i) over draft slots, where
     c is the drafter's top-1 confidence; returns the `count` best prefix lengths i (0 = the first

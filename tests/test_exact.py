@@ -149,6 +149,22 @@ def test_bf16_greedy_speculation_is_plain_decoding_on_the_embedded_model(bf16_en
             assert out.token_ids == ar.token_ids, (prompt, method)
 
 
+def test_bf16_seeded_sampled_speculation_is_seeded_plain_decoding(bf16_engine):
+    """Sampling draws the target's token only where the walk goes, one draw per committed token in
+    order, so with a seed and exact logits speculation writes what plain sampling writes."""
+    engine = bf16_engine
+    cheap_cost(engine)
+    for seed, prompt in enumerate(PROMPTS):
+        params = dict(temperature=0.9, top_p=0.95, seed=seed, max_new_tokens=48)
+        ar = engine.generate(prompt, method="ar", **params)
+        assert ar.token_ids != engine.generate(prompt, method="ar", **{**params, "seed": seed + 100}).token_ids
+        for method in ("ddtree", "auto", "lookup"):
+            out = engine.generate(prompt, method=method, budget=16, **params)
+            assert out.token_ids == ar.token_ids, (prompt, method)
+            if method == "ddtree":
+                assert out.stats.tau > 1.2  # drafted tokens were accepted: the walk went past the root
+
+
 @pytest.mark.parametrize("kind,quant", [("llama", "bf16"), ("gpt_oss", "bf16"), ("llama", "fp16"),
                                         ("llama", "nf4")])
 def test_greedy_speculation_is_plain_decoding_on_tiny_models(tmp_path, tokenizer, kind, quant):
@@ -184,33 +200,59 @@ def test_exact_mode_switches_off_and_on(bf16_engine):
 
 
 class RowCountLinear(torch.nn.Module):
-    """A matmul whose rows depend on how many rows it gets below `least` rows (a kernel switch),
-    or at every count (least=None)."""
+    """A matmul whose rows depend on how many rows it gets: below `least` rows or above `most`
+    (kernel switches), or at every count (least=None)."""
 
-    def __init__(self, least: int | None):
+    def __init__(self, least: int | None, most: int = 10 ** 6, width: int = 8):
         super().__init__()
-        self.in_features, self.out_features, self.least = 8, 4, least
-        self.weight = torch.nn.Parameter(torch.randn(4, 8))
+        self.in_features, self.out_features, self.least, self.most = width, 4, least, most
+        self.weight = torch.nn.Parameter(torch.randn(4, width))
 
     def forward(self, x):
+        y = (x[:, None, :] * self.weight[None]).sum(-1)  # row by row (a real matmul may switch kernels here)
         if self.least is None:
-            return x @ self.weight.T + 1e-3 * x.shape[0]
-        return x @ self.weight.T + (1e-3 if x.shape[0] < self.least else 0.0)
+            return y + 1e-3 * x.shape[0]
+        return y + (1e-3 if x.shape[0] < self.least or x.shape[0] > self.most else 0.0)
 
 
-def test_min_rows_check_finds_kernel_switches():
-    from quanttree.exact import matmul_min_rows
+def test_row_range_check_finds_kernel_switches():
+    from quanttree.exact import MAX_ROWS_CHECKED, RowRange, matmul_row_range
 
-    assert matmul_min_rows(torch.nn.Sequential(torch.nn.Linear(8, 8), RowCountLinear(4))) == (4, None)
-    assert matmul_min_rows(torch.nn.Sequential(RowCountLinear(2)))[0] == 2
-    rows, why = matmul_min_rows(torch.nn.Sequential(torch.nn.Linear(8, 8), RowCountLinear(None)))
-    assert rows is None and why.startswith("1 (RowCountLinear")
+    assert matmul_row_range(torch.nn.Sequential(RowCountLinear(4))) == RowRange(4, MAX_ROWS_CHECKED)
+    assert matmul_row_range(torch.nn.Sequential(RowCountLinear(2))).least == 2
+    assert matmul_row_range(torch.nn.Sequential(RowCountLinear(2, most=32), RowCountLinear(3, width=6))) == RowRange(4, 32)
+    assert matmul_row_range(torch.nn.Sequential(RowCountLinear(1, most=6))) == RowRange(2, 6)
+    rows = matmul_row_range(torch.nn.Sequential(RowCountLinear(2, width=6), RowCountLinear(None)))
+    assert rows.least is None and rows.why.startswith("1 (RowCountLinear")
+    assert matmul_row_range(torch.nn.Sequential(RowCountLinear(8, most=12))) == RowRange(2, 7)  # below 8: one kernel
+
+
+def test_exact_caps_the_tree_where_matmuls_switch_kernels_above_a_row_count(monkeypatch):
+    import quanttree.exact as exact_module
+    from quanttree.exact import RowRange
+
+    monkeypatch.setattr(exact_module, "min_exact_rows", lambda model: RowRange(2, 9))
+    engine = quanttree.load("smollm2-135m", quant="bf16", device="cpu", log=lambda *_: None)
+    assert engine.exact and engine.target.max_rows == 9
+    cheap_cost(engine)
+    seen = []
+    hook = engine.target.model.model.layers[0].register_forward_hook(lambda m, a, o: seen.append(a[0].shape[1]))
+    try:
+        ar = engine.generate(PROMPTS[0], method="ar", max_new_tokens=24)
+        for method in ("ddtree", "auto"):
+            seen.clear()
+            out = engine.generate(PROMPTS[0], method=method, budget=16, max_new_tokens=24)
+            assert out.token_ids == ar.token_ids and max(seen[1:]) <= 9, method  # 8 nodes + the root
+            assert method != "ddtree" or max(seen[1:]) == 9
+    finally:
+        hook.remove()
+    assert engine.decode_config("ddtree", 8, 0.0, 1.0, 0, None, 16).budget == 8
 
 
 def test_exact_pads_short_forwards_to_the_measured_rows(monkeypatch):
     import quanttree.exact as exact_module
 
-    monkeypatch.setattr(exact_module, "min_exact_rows", lambda model: (4, None))
+    monkeypatch.setattr(exact_module, "min_exact_rows", lambda model: exact_module.RowRange(4, 65))
     engine = quanttree.load("smollm2-135m", quant="bf16", device="cpu", drafter=None, log=lambda *_: None)
     assert engine.exact and engine.target.min_rows == 4
     seen = []
@@ -227,7 +269,8 @@ def test_exact_pads_short_forwards_to_the_measured_rows(monkeypatch):
 def test_exact_refuses_where_matmuls_depend_on_row_count(monkeypatch):
     import quanttree.exact as exact_module
 
-    monkeypatch.setattr(exact_module, "min_exact_rows", lambda model: (None, "mlp.down_proj (16 rows against 48)"))
+    monkeypatch.setattr(exact_module, "min_exact_rows",
+                        lambda model: exact_module.RowRange(None, None, "mlp.down_proj (17 rows against 16)"))
     engine = quanttree.load("smollm2-135m", quant="fp32", device="cpu", drafter=None, log=lambda *_: None)
     assert not engine.exact
     with pytest.raises(quanttree.QuanttreeError, match="rounds a row differently.*down_proj"):
