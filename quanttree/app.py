@@ -180,6 +180,9 @@ def compare(cache: EngineCache, prompt: str, max_new_tokens: int, temperature: f
     elif engine.exact and engine.target.min_rows > 2:
         status += (f" · exact mode runs every forward as at least {engine.target.min_rows} rows in {engine.quant} "
                    "here (the matmul kernels switch up to that count): untick it for speed")
+    elif engine.exact and engine.target.max_nodes(budget) < budget:
+        status += (f" · exact mode verifies at most {engine.target.max_nodes(budget)} drafted tokens per round in "
+                   f"{engine.quant} here (the matmul kernels switch above that count)")
     last_plot = last_ui = 0.0
     for ar, _ in run_pane(engine, prompt, "ar", budget, max_new_tokens, temperature, seed):
         if not ar.done and time.perf_counter() - last_ui < UI_INTERVAL:
