@@ -191,6 +191,7 @@ class DrafterSource:
     def __init__(self, drafter: DFlashDrafter, target: Target, shape: str, vp_drafter: DFlashDrafter | None = None,
                  branches: int = 4):
         self.shape, self.branches = shape, branches
+        self.max_nodes = target.max_nodes  # exact mode's row range caps even a whole chain
         self.context = DraftContext(drafter, target)
         self.second = DraftContext(vp_drafter, target) if shape == "d2sd" and vp_drafter is not None else None
         self.layers = tuple(drafter.config.target_layer_ids)
@@ -213,7 +214,7 @@ class DrafterSource:
             branch_lp = (self.second or self.context).branch_log_probs(root, start, log_probs.argmax(-1), prefixes)
         t1 = clock()
         if self.shape == "dflash" or chain_only:  # a sizer cuts a chain to a prefix (path probabilities fall)
-            tree = build_chain(log_probs, root)
+            tree = build_chain(log_probs, root, self.max_nodes(log_probs.shape[0]))
         elif self.shape == "d2sd":  # trimmed to the `budget` most probable nodes (prefix-closed)
             tree = prune(build_branch_tree(log_probs, branch_lp, prefixes, root), budget)
         else:
