@@ -98,7 +98,7 @@ def matmul_row_range(model, limit: int = MAX_ROWS_CHECKED) -> RowRange:
     many rows share the call, on this device. A one-row call takes a gemv kernel and fp32 MKL
     switches kernels up to 3 rows (so a range starts at 2, 4, 8 or 16 rows: the fewest that
     works); bf16 on AMX CPUs switches above 32 rows (576 inputs) or 66 (192 outputs), so a range
-    can also end. Every count from `least` to `limit` is checked, in two placements, against
+    can also end. Every count from `least` to `limit` is checked against
     calls of exactly `least` rows. Plain linears are checked on their first 4,096 output rows
     (the head's full width costs seconds on a CPU for large vocabularies); quantized ones whole,
     when not larger than that."""
@@ -137,13 +137,13 @@ def matmul_row_range(model, limit: int = MAX_ROWS_CHECKED) -> RowRange:
 
 
 def _agreeing_rows(run, x, least: int, most: int) -> int:
-    """The largest m <= most such that calls of least..m rows, placed at row 0 and at row 3, give
+    """The largest m <= most such that calls of least..m rows (placed at rows 0 to 3 in turn) give
     the rows that calls of exactly `least` rows give (least - 1: not even those agree)."""
     ref = torch.cat([run(x[s:s + least]) for s in range(0, x.shape[0] - least + 1, least)])
     for size in range(least, most + 1):
-        for start in (0, 3):
-            if not torch.equal(run(x[start:start + size]), ref[start:start + size]):
-                return size - 1
+        start = size % 4
+        if not torch.equal(run(x[start:start + size]), ref[start:start + size]):
+            return size - 1
     return most
 
 
