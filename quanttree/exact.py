@@ -7,7 +7,10 @@ count and the key count, masked keys sit between visible ones, and transformers 
 differently for a single query). One ulp is enough to flip a near-tie, so greedy speculation
 leaves plain decoding's path. Every other op of a decoder layer (linears, RMSNorm, rotary, the
 MLP, the lm_head) computes each row on its own on the devices we test (tests/test_exact.py checks
-it), so attention is the one op to fix.
+it) within a range of row counts: matmuls switch kernels by how many rows they get (a one-row
+gemv; fp32 MKL up to 16 rows; bf16 on AMX CPUs again above 32), so `matmul_row_range` measures
+the range at load and exact mode keeps every forward after the prompt inside it (padding rows
+below, a capped tree above). Attention is the one op to rewrite.
 
 `exact_attention` is registered through transformers' public AttentionInterface. Any forward
 that continues a cache computes each query row as one-token decoding would: its visible keys
