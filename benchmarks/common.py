@@ -44,12 +44,12 @@ def machine() -> dict:
 
 
 def write_results(name: str, command: str, table: str, rows: list[dict]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     info = machine()
     header = (f"# {name}\n\nCommand: `{command}`\n\nMachine: {info['platform']}, {info['cpus']} cores, "
               f"{info['threads']} threads, GPU: {info['gpu']}; torch {info['torch']}, transformers "
               f"{info['transformers']}, bitsandbytes {info['bitsandbytes']}; {info['date']}\n\n")
     md = RESULTS / f"{name}.md"
+    md.parent.mkdir(parents=True, exist_ok=True)  # names may hold a folder: session22/x
     md.write_text(header + table + "\n")
     (RESULTS / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return md

@@ -86,4 +86,18 @@ def select_tokens(
     probs = logits_to_probs(logits, params)
     if generator is not None and probs.device != generator.device:  # logits on an offloaded layer's device
         probs = probs.to(generator.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(probs, generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of probs [n, V] (>= 0, any positive sum), index i with probability
+    probs[i] / sum: the first index whose cumulative sum exceeds a uniform draw over the sum.
+    Never an index of probability 0 (its cumulative sum equals its predecessor's).
+
+    torch.multinomial took ~1.1 ms per 49k-token row on a CPU, as much as a small target's
+    forward per committed token; a cumulative sum and a binary search take ~0.02 ms."""
+    cdf = probs.float().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=cdf.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # strictly below the sum
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)

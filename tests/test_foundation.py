@@ -100,6 +100,22 @@ def test_nucleus_keeps_ties_at_its_edge_together():
                                                      [True, False, False, False]]
 
 
+def test_draw_follows_the_row_and_never_takes_a_zero():
+    from quanttree.sampling import draw
+
+    rows = torch.tensor([[0.0, 2.0, 0.0, 6.0, 0.0],  # unnormalised; zeros inside and at both ends
+                         [0.5, 0.0, 0.0, 0.0, 0.5],
+                         [0.0, 0.0, 0.0, 0.0, 1e-30]])  # one tiny token still has all the mass
+    n = 20_000
+    picks = draw(rows.repeat_interleave(n, dim=0), torch.Generator().manual_seed(0)).view(3, n)
+    freq = torch.stack([torch.bincount(r, minlength=5) for r in picks]).float() / n
+    expected = rows / rows.sum(-1, keepdim=True)
+    assert bool((freq[expected == 0] == 0).all())
+    assert torch.allclose(freq, expected, atol=4 * (0.25 / n) ** 0.5)  # 4 standard errors at worst
+    a = draw(rows, torch.Generator().manual_seed(5))
+    assert torch.equal(a, draw(rows, torch.Generator().manual_seed(5)))  # seeded: reproducible
+
+
 def test_stream_deltas_add_up_and_stop_strings(embedded_engine):
     events = list(embedded_engine.stream(PROMPT, max_new_tokens=30, method="ar"))
     assert "".join(e.delta for e in events) == events[-1].text
