@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--fc-init", default="normal", choices=("normal", "scaled"),
                        help="scaled: fc columns divided by each feature dim's spread (tames massive activations)")
     train.add_argument("--eval-every", type=int, default=200, help="held-out evaluation every N steps")
+    train.add_argument("--seed", type=int, default=0,
+                       help="train: data order (and a random init); give a new one when continuing a drafter "
+                            "with --init-from, or it redraws the sequences it was trained on")
     train.add_argument("--init", default="target", choices=("target", "random"),
                        help="drafter layers start as copies of the target's last layers, or random")
     train.add_argument("--variable-prefix", action="store_true", help="train D2SD's variable-prefix drafter")
@@ -255,7 +258,7 @@ def cmd_train_drafter(args) -> int:
                           gamma=args.gamma, variable_prefix=args.variable_prefix, distill=args.distill,
                           init=args.init, feature_layers=args.feature_layers, mask_token_id=args.mask_token_id,
                           fc_init=args.fc_init, eval_every=args.eval_every, refresh_vocab=args.refresh_vocab,
-                          grow_layers=args.grow_layers, scored_text=args.scored_text,
+                          grow_layers=args.grow_layers, scored_text=args.scored_text, seed=args.seed,
                           init_from=str(resolve_drafter_dir(args.init_from)) if args.init_from else None)
         if args.stage == "features":
             run_features_stage(engine, paths, training_layers(engine.target, cfg))
