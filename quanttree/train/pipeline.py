@@ -177,7 +177,7 @@ def run_train_stage(engine, paths: TrainPaths, cfg, out: Path, minutes: float | 
         raise QuanttreeError("--for-engines needs --mask-token-id: other engines take the mask as a vocabulary "
                              "token, not a learned embedding")
     trainer.train(minutes)
-    temperature, taus = (None, {}) if cfg.variable_prefix else trainer.fit_tree_temperature()
+    temperature, taus = (None, {}) if cfg.variable_prefix else trainer.fit_tree_temperature()  # D2SD's VP: none
     if temperature is not None:
         log(f"tree temperature {temperature} (held-out DDTree@16 tau by temperature: {taus})")
     exported = trainer.export(out, for_engines=for_engines, tree_temperature=temperature)

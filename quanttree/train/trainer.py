@@ -527,8 +527,11 @@ class Trainer:
             truth.append(torch.where(labels[:, 1:] >= 0, self.remap[labels[:, 1:].clamp(min=0)], -1))
         return torch.cat(logits), torch.cat(truth)
 
-    def fit_tree_temperature(self, limit: int = 200, budget: int = 16) -> tuple[float, dict[float, float]]:
-        """The drafter's tree temperature fitted on held-out blocks (see `fit_tree_temperature`)."""
+    def fit_tree_temperature(self, limit: int = 200, budget: int = 16) -> tuple[float | None, dict[float, float]]:
+        """The drafter's tree temperature fitted on held-out blocks (see `fit_tree_temperature`);
+        (None, {}) without held-out blocks to fit on."""
+        if not self.eval_blocks(limit):
+            return None, {}
         return fit_tree_temperature(*self.held_out_logits(limit), budget=budget)
 
     # ------------------------------------------------ checkpoints
