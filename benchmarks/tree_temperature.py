@@ -1,14 +1,14 @@
 """Teacher-forced DDTree tau by tree temperature and budget, on a training run's held-out blocks.
 
 A drafter's per-depth marginals each estimate one position alone, while acceptance along a path
-is correlated, so a best-first tree over the raw marginals can come out too wide and too
-shallow. Training fits one temperature on held-out blocks at export (`tree_temperature` in the
-drafter's config.json; `trainer.fit_tree_temperature`, DDTree@16) and decoding divides the
-drafter's logits by it before building trees (the chain, the argmax, is the same at any
-temperature). This prints what each temperature gives at several budgets, so the fit can be
-checked beyond the one budget it was made for. Needs the work dir of a training run (its
-feature cache holds the held-out target responses and their hidden states); no timing, so it
-may run beside other jobs.
+is correlated, so a best-first tree over the raw marginals might come out too wide and too
+shallow: this builds trees from softmax(logits / T) for several T and walks them along the
+held-out target responses (`trainer.tree_tau`). Session 23 found +1-2% tau at T 0.8 here that
+did NOT carry over to decoding (`benchmarks/results/session23/README.md`): decoding's rounds
+start right after a rejection, where the width at depth 1 the sharpened tree gives up is worth
+more than at the uniformly spread positions scored here. So nothing ships a temperature; this
+stays to check an idea of the kind before building it. Needs the work dir of a training run
+(its feature cache); no timing, but it takes both cores: pause a training job while it runs.
 
     python benchmarks/tree_temperature.py --drafters quanttree/drafters/smollm2-135m \
         --work WORK --name session23/tree_temperature
@@ -58,14 +58,13 @@ def main() -> None:
         with torch.no_grad():
             for budget in tqdm(budgets, desc=Path(drafter).name, unit="budget"):
                 taus = {t: tree_tau(logits, truth, t, budget) for t in temps}
-                rows.append({"drafter": Path(drafter).name, "shipped_temperature": config.get("tree_temperature"),
-                             "blocks": len(logits), "budget": budget, "tau": taus})
-    head = "| drafter (its tree temperature) | blocks | budget | " + " | ".join(f"T {t}" for t in temps) + " |"
+                rows.append({"drafter": Path(drafter).name, "blocks": len(logits), "budget": budget, "tau": taus})
+    head = "| drafter | blocks | budget | " + " | ".join(f"T {t}" for t in temps) + " |"
     lines = [head, "|" + "---|" * (3 + len(temps))]
     for r in rows:
         best = max(r["tau"].values())
         cells = [f"**{v:.3f}**" if v == best else f"{v:.3f}" for v in r["tau"].values()]
-        lines.append(f"| {r['drafter']} ({r['shipped_temperature'] or 'none'}) | {r['blocks']} | {r['budget']} | "
+        lines.append(f"| {r['drafter']} | {r['blocks']} | {r['budget']} | "
                      + " | ".join(cells) + " |")
     table = "\n".join(lines) + ("\n\nTeacher-forced tau (1 + accepted drafted tokens per block) of best-first "
                                 "trees built from softmax(logits / T), walked along the held-out target "

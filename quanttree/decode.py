@@ -101,9 +101,6 @@ class DraftContext:
         self.head = head.detach()[self.vocab] if self.vocab is not None else None  # [N, H] rows of the lm_head
         if drafter.lm_head is not None:  # a drafter with its own head over its draft vocabulary
             self.head = drafter.lm_head.weight.detach()
-        # fitted at export on held-out blocks (trainer.fit_tree_temperature): marginals sharpened
-        # for tree building; the argmax, the chain and the output are the same at any temperature
-        self.temperature = float(drafter.config.extra.get("tree_temperature", 1.0))
 
     def commit(self, features: torch.Tensor, positions: torch.Tensor) -> None:
         """Queue committed tokens' target features [c, k*H] at positions [c] (until the next draft)."""
@@ -130,15 +127,13 @@ class DraftContext:
         return self._log_softmax(hidden[0, 1:])
 
     def _log_softmax(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Drafter states [..., H] -> log-probs over the draft vocabulary (or the full one), at the
-        drafter's tree temperature."""
+        """Drafter states [..., H] -> log-probs over the draft vocabulary (or the full one)."""
         if self.head is not None:  # 2D matmul: a batched [K, D, H] @ head.T would copy the head K times
             flat = hidden.reshape(-1, hidden.shape[-1]).to(device=self.head.device, dtype=self.head.dtype)
             logits = (flat @ self.head.T).view(*hidden.shape[:-1], -1)
         else:
             logits = self.target.lm_head(hidden)
-        logits = logits.float()
-        return torch.log_softmax(logits if self.temperature == 1.0 else logits / self.temperature, dim=-1)
+        return torch.log_softmax(logits.float(), dim=-1)
 
     @torch.inference_mode()
     def branch_log_probs(self, root: int, start: int, chain: torch.Tensor, prefixes: torch.Tensor) -> torch.Tensor:

@@ -74,7 +74,7 @@ class DrafterConfig:
                 sliding_window=data.get("sliding_window") if "sliding_attention" in (data.get("layer_types") or ())
                 else None,
                 extra={k: v for k, v in data.items() if k in ("torch_dtype", "dtype", "tie_word_embeddings",
-                                                              "draft_vocab_size", "tree_temperature")},
+                                                              "draft_vocab_size")},
             )
         except KeyError as exc:
             raise QuanttreeError(f"drafter config.json lacks the key {exc}: is this a DFlash drafter?") from exc

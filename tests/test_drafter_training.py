@@ -239,43 +239,15 @@ def test_export_for_other_engines(tiny_engine, tmp_path):
         ar.token_ids
 
 
-def test_tree_temperature_fit_prefers_the_deeper_tree_when_paths_run_true():
-    """Raw marginals put a depth-1 sibling (0.3) above the depth-2 path (0.5 * 0.45); when the
-    top-1 path is what the target writes, sharpened marginals build the deeper tree (tau 3 vs 2),
-    and when the sibling is right, the fit keeps 1.0 (ties go to no change)."""
-    from quanttree.train.trainer import fit_tree_temperature, tree_tau
+
+def test_tree_tau_walks_best_first_trees_along_the_truth():
+    """Raw marginals put a depth-1 sibling (0.3) above the depth-2 path (0.5 * 0.45): a 2-node
+    tree holds both depth-1 tokens; sharpened (T 0.6) it holds the top-1 path instead."""
+    from quanttree.train.trainer import tree_tau
 
     q = torch.tensor([[0.5, 0.3, 0.2], [0.45, 0.35, 0.2]]).log()[None]  # [1 block, 2 depths, 3 tokens]
-    path_true = torch.tensor([[0, 0]])
-    assert tree_tau(q, path_true, 1.0, budget=2) == 2.0
-    assert tree_tau(q, path_true, 0.6, budget=2) == 3.0
-    best, taus = fit_tree_temperature(q, path_true, budget=2)
-    assert best < 1.0 and taus[best] == 3.0 and taus[1.0] == 2.0
-    sibling_true = torch.tensor([[1, -1]])
-    best, taus = fit_tree_temperature(q, sibling_true, budget=2)
-    assert best == 1.0 and taus[1.0] == 2.0 and taus[0.6] == 1.0
-
-
-def test_exported_tree_temperature_sharpens_the_marginals_and_stays_exact(tiny_engine, tmp_path):
-    cache = build_cache(tiny_engine.target, sequences(4, 30), tmp_path / "f", LAYERS, top_k=4, log=lambda *_: None)
-    cfg = TrainConfig(num_layers=1, block_size=4, feature_layers=LAYERS, draft_vocab=128, anchors=4, steps=2,
-                      eval_every=10**6, ckpt_every=10**6, init="random")
-    trainer = Trainer(tiny_engine.target, cache, cfg, tmp_path / "c", log=lambda *_: None)
-    trainer.train()
-    best, taus = trainer.fit_tree_temperature(limit=4, budget=4)
-    assert best in taus and set(taus) == {0.6, 0.7, 0.8, 0.9, 1.0, 1.1}
-    plain = trainer.export(tmp_path / "p", dtype=torch.float32)
-    sharp = trainer.export(tmp_path / "s", dtype=torch.float32, tree_temperature=0.5)
-    engines = [quanttree.load(tiny_engine.loaded.path, drafter=str(d), quant="fp32", device="cpu") for d in (plain, sharp)]
-    contexts = [DraftContext(e.drafter, e.target) for e in engines]
-    assert [c.temperature for c in contexts] == [1.0, 0.5]
-    feats, _ = online(tiny_engine, sequences(1, 12)[0][0])
-    lps = []
-    for ctx in contexts:
-        ctx.commit(feats, torch.arange(12))
-        lps.append(ctx.log_probs(5, 12))
-    torch.testing.assert_close(lps[1], torch.log_softmax(2 * lps[0], -1), atol=1e-4, rtol=1e-4)
-    ar = engines[1].generate("hello there", max_new_tokens=12, chat=False)
-    for method in ("ddtree", "dflash"):
-        assert engines[1].generate("hello there", method=method, budget=6, max_new_tokens=12,
-                                   chat=False).token_ids == ar.token_ids
+    path_true, sibling_true = torch.tensor([[0, 0]]), torch.tensor([[1, -1]])
+    assert tree_tau(q, path_true, 1.0, budget=2) == 2.0 and tree_tau(q, path_true, 0.6, budget=2) == 3.0
+    assert tree_tau(q, sibling_true, 1.0, budget=2) == 2.0 and tree_tau(q, sibling_true, 0.6, budget=2) == 1.0
+    third = torch.tensor([[2, 0]])  # the third depth-1 token (0.2) ranks below the top-1 path (0.225)
+    assert tree_tau(q, third, 1.0, budget=3) == 1.0 and tree_tau(q, third, 1.0, budget=4) == 2.0

@@ -177,15 +177,10 @@ def run_train_stage(engine, paths: TrainPaths, cfg, out: Path, minutes: float | 
         raise QuanttreeError("--for-engines needs --mask-token-id: other engines take the mask as a vocabulary "
                              "token, not a learned embedding")
     trainer.train(minutes)
-    temperature, taus = (None, {}) if cfg.variable_prefix else trainer.fit_tree_temperature()  # D2SD's VP: none
-    if temperature is not None:
-        log(f"tree temperature {temperature} (held-out DDTree@16 tau by temperature: {taus})")
-    exported = trainer.export(out, for_engines=for_engines, tree_temperature=temperature)
+    exported = trainer.export(out, for_engines=for_engines)
     (Path(out) / "training.json").write_text(json.dumps(
         {"step": trainer.step, "minutes": round(trainer.minutes, 1), "sequences": len(cache),
-         "config": asdict(cfg), "last_eval": trainer.evaluate(), "history": trainer.history,
-         "tree_temperature": {"value": temperature, "ddtree16_tau": {str(t): v for t, v in taus.items()}}},
-        indent=2))
+         "config": asdict(cfg), "last_eval": trainer.evaluate(), "history": trainer.history}, indent=2))
     from ..plots import plot_learning_curve
 
     plot_learning_curve(trainer.history, Path(out) / "learning_curve.png")  # beside the weights

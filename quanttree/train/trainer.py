@@ -201,9 +201,6 @@ def drafter_train_forward(drafter: DFlashDrafter, features: torch.Tensor, block_
     return drafter.norm(x)
 
 
-TREE_TEMPERATURES = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1)
-
-
 def tree_tau(logits: torch.Tensor, truth: torch.Tensor, temperature: float, budget: int) -> float:
     """Teacher-forced DDTree tau: mean accepted length + 1 of best-first trees of `budget` nodes
     built from the marginals softmax(logits / temperature), walked along the true continuation.
@@ -216,19 +213,6 @@ def tree_tau(logits: torch.Tensor, truth: torch.Tensor, temperature: float, budg
         after = torch.cat([t, torch.full((1,), -1, dtype=t.dtype)])  # the token after a node at depth d
         total += walk(tree, after[tree.depths]).accept_len
     return 1 + total / max(len(logits), 1)
-
-
-def fit_tree_temperature(logits: torch.Tensor, truth: torch.Tensor, budget: int = 16,
-                         grid=TREE_TEMPERATURES) -> tuple[float, dict[float, float]]:
-    """The temperature whose sharpened (T < 1) or flattened marginals build the trees that accept
-    most on these blocks -> (temperature, {temperature: tau}). A drafter's per-depth marginals
-    are each its estimate for one position alone, while acceptance along a path is correlated
-    (a block whose first token is right is an easier block), so best-first trees over the raw
-    marginals tend to come out too wide and too shallow; the argmax, hence the chain, is the same
-    at every temperature. Ties go to 1.0 (no change without evidence)."""
-    taus = {t: round(tree_tau(logits, truth, t, budget), 4) for t in grid}
-    best = max(taus, key=lambda t: (taus[t], t == 1.0))
-    return best, taus
 
 
 def slot_weights(block: int, gamma: float, prefix: torch.Tensor | None, anchors: int) -> torch.Tensor:
@@ -527,13 +511,6 @@ class Trainer:
             truth.append(torch.where(labels[:, 1:] >= 0, self.remap[labels[:, 1:].clamp(min=0)], -1))
         return torch.cat(logits), torch.cat(truth)
 
-    def fit_tree_temperature(self, limit: int = 200, budget: int = 16) -> tuple[float | None, dict[float, float]]:
-        """The drafter's tree temperature fitted on held-out blocks (see `fit_tree_temperature`);
-        (None, {}) without held-out blocks to fit on."""
-        if not self.eval_blocks(limit):
-            return None, {}
-        return fit_tree_temperature(*self.held_out_logits(limit), budget=budget)
-
     # ------------------------------------------------ checkpoints
     def checkpoint_dir(self) -> Path:
         return self.work / "checkpoint"
@@ -589,8 +566,7 @@ class Trainer:
         self.log(f"resumed from {ckpt} at step {self.step}")
         return True
 
-    def export(self, out: Path, dtype: torch.dtype = torch.bfloat16, for_engines: bool = False,
-               tree_temperature: float | None = None) -> Path:
+    def export(self, out: Path, dtype: torch.dtype = torch.bfloat16, for_engines: bool = False) -> Path:
         """The drafter in the published DFlash layout (draft vocabulary as d2t, and as
         draft_vocab.json). for_engines: loadable by vLLM / SGLang / llama.cpp's converter too:
         the mask must be a token of the target's vocabulary, and a draft vocabulary ships its
@@ -602,10 +578,7 @@ class Trainer:
                 "load: they take the mask as a token id of the target's vocabulary. Train with "
                 "--mask-token-id ID (an unused or special token) to export a drafter they can run")
         head_rows = self.vocab.numel() if for_engines and self.vocab is not None else None
-        config = self.drafter.config
-        if tree_temperature is not None:  # our key: other engines ignore it
-            config = replace(config, extra={**config.extra, "tree_temperature": tree_temperature})
-        export = DFlashDrafter(config, with_mask_embedding=has_mask, own_head_rows=head_rows)
+        export = DFlashDrafter(self.drafter.config, with_mask_embedding=has_mask, own_head_rows=head_rows)
         state = dict(self.drafter.state_dict())
         if head_rows:
             state["lm_head.weight"] = self.head.float()
