@@ -225,8 +225,9 @@ class CostModel:
         if profiled <= 0 or measured_ms <= 0:
             return
         r = measured_ms / profiled
-        self.ratio = (1 - self.ema) * self.ratio + self.ema * r / self.shape(tokens)
-        r = r / self.ratio  # the residual of this size under today's drift
+        ratio = (1 - self.ema) * self.ratio + self.ema * r / self.shape(tokens)
+        r = r / ratio  # the residual of this size under today's drift
+        size_ratio, size_weight = self.size_ratio.copy(), self.size_weight.copy()
         sizes = self.profile.sizes
         i = min(max(int(np.searchsorted(sizes, tokens, side="right")) - 1, 0), len(sizes) - 1)
         j = min(i + 1, len(sizes) - 1)
@@ -234,12 +235,15 @@ class CostModel:
         for k, w in ((i, 1 - t), (j, t)):
             if w > 0:
                 # half the drift's speed: a change every size shares goes to the drift first
-                self.size_ratio[k] += 0.5 * self.ema * w * (r - self.size_ratio[k])
-                self.size_weight[k] += w
+                size_ratio[k] += 0.5 * self.ema * w * (r - size_ratio[k])
+                size_weight[k] += w
         # what all measured sizes share is drift, not shape: residuals keep a geometric mean of 1
-        level = np.exp(np.average(np.log(self.size_ratio), weights=self.size_weight))
-        self.size_ratio /= level
-        self.ratio *= level
+        with np.errstate(all="ignore"):
+            level = np.exp(np.average(np.log(size_ratio), weights=size_weight))
+        size_ratio, ratio = size_ratio / level, ratio * level
+        if not (np.isfinite(ratio) and ratio > 0 and np.all(np.isfinite(size_ratio)) and np.all(size_ratio > 0)):
+            return  # a degenerate measurement must not poison the model (it is saved and reloaded)
+        self.ratio, self.size_ratio, self.size_weight = float(ratio), size_ratio, size_weight
 
     def observe_draft(self, context: int, measured_ms: float) -> None:
         """Fold a measured drafter pass (with its context absorption) into the draft ratio."""
@@ -255,6 +259,9 @@ class CostModel:
     def load_state(self, state: dict) -> None:
         if len(state.get("size_ratio", [])) != len(self.profile.sizes):
             return  # from another grid: start fresh
+        values = [state["ratio"], state["draft_ratio"], *state["size_ratio"], *state["size_weight"]]
+        if not all(isinstance(v, (int, float)) and np.isfinite(v) for v in values):
+            return  # a state saved with a NaN in it (before session 23's guards): start fresh
         self.ratio, self.draft_ratio = float(state["ratio"]), float(state["draft_ratio"])
         self.size_ratio = np.array(state["size_ratio"], dtype=float)
         self.size_weight = np.array(state["size_weight"], dtype=float)

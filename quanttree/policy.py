@@ -240,6 +240,8 @@ class DrafterWorth:
         return self.skips[b] % self.probe_every == 0
 
     def observe(self, p: float, net: float) -> None:
+        if not (np.isfinite(p) and np.isfinite(net)):
+            return  # a NaN would stick in its bin for good and keep the drafter off (session 23)
         b = self.bin(p)
         self.sum[b] = self.decay * self.sum[b] + net
         self.weight[b] = self.decay * self.weight[b] + 1.0
@@ -250,6 +252,8 @@ class DrafterWorth:
     def load_state(self, state: dict) -> None:
         if np.shape(state.get("sum")) == self.sum.shape and np.shape(state.get("weight")) == self.weight.shape:
             self.sum, self.weight = np.array(state["sum"], dtype=float), np.array(state["weight"], dtype=float)
+            bad = ~(np.isfinite(self.sum) & np.isfinite(self.weight))
+            self.sum[bad], self.weight[bad] = 0.0, 0.0  # bins saved with a NaN start fresh
 
 
 class SpeculationGate:
