@@ -37,7 +37,6 @@ def main() -> None:
     ap.add_argument("--name", default="tree_temperature")
     args = ap.parse_args()
 
-    import torch
     from tqdm import tqdm
 
     import quanttree
@@ -55,10 +54,9 @@ def main() -> None:
         trainer = Trainer(engine.target, cache, cfg, Path(args.work) / "tree-temperature-scratch", lambda *_: None,
                           engine.eos_token_ids)
         logits, truth = trainer.held_out_logits(args.sequences)
-        with torch.no_grad():
-            for budget in tqdm(budgets, desc=Path(drafter).name, unit="budget"):
-                taus = {t: tree_tau(logits, truth, t, budget) for t in temps}
-                rows.append({"drafter": Path(drafter).name, "blocks": len(logits), "budget": budget, "tau": taus})
+        for budget in tqdm(budgets, desc=Path(drafter).name, unit="budget"):
+            taus = {t: tree_tau(logits, truth, t, budget) for t in temps}
+            rows.append({"drafter": Path(drafter).name, "blocks": len(logits), "budget": budget, "tau": taus})
     head = "| drafter | blocks | budget | " + " | ".join(f"T {t}" for t in temps) + " |"
     lines = [head, "|" + "---|" * (3 + len(temps))]
     for r in rows:

@@ -474,10 +474,8 @@ class Trainer:
         pairs = self.eval_blocks(limit)
         for i, anchors in pairs:
             prefix = self.sample_prefix(anchors.numel(), gen) if self.cfg.variable_prefix else None
-            states, labels, _ = self.block_states(i, anchors, prefix)
-            logits = (states[:, 1:].to(torch.bfloat16) @ self.head.T).float()
+            logits, truth = self.block_logits(i, anchors, prefix)
             probs = logits.softmax(-1)
-            truth = self.remap[labels[:, 1:].clamp(min=0)]
             visible = torch.zeros_like(truth, dtype=torch.bool)
             if prefix is not None:  # slots 1..prefix hold ground truth: given, not drafted
                 visible = torch.arange(1, block)[None, :] <= prefix[:, None]
@@ -504,12 +502,14 @@ class Trainer:
     def held_out_logits(self, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Draft logits [N, B-1, V] of held-out blocks and their true tokens [N, B-1] (draft
         indices, -1 outside the draft vocabulary)."""
-        logits, truth = [], []
-        for i, anchors in self.eval_blocks(limit):
-            states, labels, _ = self.block_states(i, anchors, None)
-            logits.append((states[:, 1:].to(torch.bfloat16) @ self.head.T).float())
-            truth.append(torch.where(labels[:, 1:] >= 0, self.remap[labels[:, 1:].clamp(min=0)], -1))
-        return torch.cat(logits), torch.cat(truth)
+        pairs = [self.block_logits(i, anchors, None) for i, anchors in self.eval_blocks(limit)]
+        return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+    def block_logits(self, i: int, anchors: torch.Tensor, prefix: torch.Tensor | None):
+        """Draft logits [A, B-1, V] of the blocks at `anchors` of cached sequence i (full blocks)
+        and their true tokens [A, B-1] as draft indices (-1 outside the draft vocabulary)."""
+        states, labels, _ = self.block_states(i, anchors, prefix)
+        return (states[:, 1:].to(torch.bfloat16) @ self.head.T).float(), self.remap[labels[:, 1:].clamp(min=0)]
 
     # ------------------------------------------------ checkpoints
     def checkpoint_dir(self) -> Path:
