@@ -315,7 +315,7 @@ def test_scored_text_is_training_only_data_for_distillation(tiny_chat_engine, tm
                                                              ("mymod", "def has_close_elements(numbers):")]
     paths = TrainPaths(tmp_path / "work")
     monkeypatch.setattr("quanttree.train.code_text.stdlib_root", lambda: root)
-    monkeypatch.setattr("quanttree.train.code_text.PACKAGES", ("qt_fake_pkg", "qt_not_installed"))
+    monkeypatch.setattr("quanttree.train.code_text.PACKAGES", (("qt_fake_pkg", "qt_not_installed"),))
     answered = run_text_stage(tiny_chat_engine, paths, 1)  # the goal is met within the first block
     assert [p.name for p in paths.data.glob("shard-text-*.npz")] == ["shard-text-00000.npz"]
     seqs = load_shards(paths.data)
@@ -343,6 +343,19 @@ def test_scored_text_is_training_only_data_for_distillation(tiny_chat_engine, tm
     assert "def scaled(n):" in request and seqs[1][2] == -1 - 128  # the block's first pool index
     assert [s.name for s in text_sources()] == ["stdlib", "qt_fake_pkg"]
     assert "qt_fake_pkg.sub" in {m for m, _, _ in documented_sources(package, "qt_fake_pkg")}
+    # a group added later gets a block of its own after the earlier ones: their shards stay as written
+    later = tmp_path / "site" / "qt_later_pkg"
+    later.mkdir()
+    (later / "__init__.py").write_text(
+        f'def shifted(n):\n    """Shift n by the numbers 0 to 7, step by step."""\n    total = n\n{body}\n    return total\n')
+    written = {p.name: p.read_bytes() for p in paths.data.glob("shard-text-*.npz")}
+    monkeypatch.setattr("quanttree.train.code_text.PACKAGES", (("qt_fake_pkg",), ("qt_later_pkg",)))
+    assert [(s.name, s.group) for s in text_sources()] == [("stdlib", -1), ("qt_fake_pkg", 0), ("qt_later_pkg", 1)]
+    assert run_text_stage(tiny_chat_engine, paths, 10**6) > both
+    assert {p.name: p.read_bytes() for p in paths.data.glob("shard-text-*.npz") if p.name in written} == written
+    seqs = load_shards(paths.data)
+    assert len(seqs) == 3 and "def shifted(n):" in tiny_chat_engine.tokenizer.decode(seqs[2][0][:seqs[2][1]].tolist())
+    assert seqs[2][2] == -1 - 2 * 128
     assert {shard_round(p) for p in paths.data.glob("shard-*.npz")} == {-1}
     assert count_tokens(paths.data) == 0  # not the target's responses: the data stage's goal ignores it
     run_data_stage(tiny_chat_engine, paths, token_goal=10**6, gen_cfg=GenConfig(
@@ -351,7 +364,7 @@ def test_scored_text_is_training_only_data_for_distillation(tiny_chat_engine, tm
     with np.load(packed) as z:
         assert len(z["pool_index"]) == 16 and (z["pool_index"] >= 0).all()  # the corpus holds no scored text
     cache = run_features_stage(tiny_chat_engine, paths, (1, 3))
-    assert len(cache) == 18
+    assert len(cache) == 19
     cfg = TrainConfig(num_layers=1, block_size=4, num_features=2, draft_vocab=512, anchors=6, seqs_per_step=2,
                       steps=2, eval_seqs=4, distill=0.5)
     with pytest.raises(QuanttreeError, match="--distill 1.0"):

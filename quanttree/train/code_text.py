@@ -5,7 +5,7 @@ CPU); scoring text it did not write costs one forward per sequence in the featur
 stores the target's own next-token distribution at every position. With `--distill 1.0` those
 distributions are the labels, so the drafter learns what the *target* would write next in that
 context, whatever the text says. The source here: documented functions of the Python standard
-library, then of the packages in PACKAGES that are installed (read with `ast`, never imported),
+library, then of the installed packages of each group in PACKAGES (read with `ast`, never imported),
 each as a chat turn that asks for the function from its signature and docstring and answers
 with its source. Deterministic for a given Python installation, so a fresh machine regenerates
 the same sequences in minutes (they are not packed with the target's responses and are never
@@ -31,9 +31,14 @@ TEXT_CHUNK = 128  # sequences per shard
 MIN_CHARS, MAX_CHARS = 100, 2400  # a function's source, docstring included
 SKIP_DIRS = {"test", "tests", "testing", "idlelib", "tkinter", "turtledemo", "lib2to3", "site-packages",
              "ensurepip", "pydoc_data", "__pycache__", "_vendor", "vendored", "externals", "benchmarks"}
-# after the standard library, in this order: packages that quanttree's own requirements install
-# (torch brings sympy, networkx and mpmath; gradio brings pandas), mostly documented algorithms
-PACKAGES = ("numpy", "sympy", "networkx", "mpmath", "pandas", "matplotlib")
+# after the standard library, in this order, one block per group (a group added later appends
+# shards and leaves the earlier blocks' text as it was): packages quanttree's own requirements install
+PACKAGES = (
+    # session 15: mostly documented algorithms (torch brings sympy, networkx and mpmath; gradio brings pandas)
+    ("numpy", "sympy", "networkx", "mpmath", "pandas", "matplotlib"),
+    # session 24: the libraries quanttree runs on, and what they bring
+    ("torch", "transformers", "accelerate", "PIL", "fontTools", "jinja2", "pyparsing", "dateutil", "huggingface_hub"),
+)
 REQUESTS = (
     "Implement this function from Python's `{module}` module.\n```python\n{stub}\n```",
     "Write the body of this Python function.\n```python\n{stub}\n```",
@@ -45,6 +50,7 @@ class TextSource(NamedTuple):
     name: str  # "stdlib" or a package's import name
     version: str
     root: Path  # the directory read (a package's own directory)
+    group: int = -1  # its group in PACKAGES (-1: the standard library)
 
 
 def stdlib_root() -> Path:
@@ -52,13 +58,14 @@ def stdlib_root() -> Path:
 
 
 def text_sources() -> list[TextSource]:
-    """The standard library, then each of PACKAGES installed here (found, never imported)."""
+    """The standard library, then each package of PACKAGES installed here, group by group
+    (found, never imported)."""
     import importlib.metadata
     import importlib.util
     import platform
 
     sources = [TextSource("stdlib", platform.python_version(), stdlib_root())]
-    for name in PACKAGES:
+    for group, name in ((g, name) for g, names in enumerate(PACKAGES) for name in names):
         spec = importlib.util.find_spec(name)
         if spec is None or not spec.submodule_search_locations:
             continue
@@ -66,7 +73,7 @@ def text_sources() -> list[TextSource]:
             version = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             version = "unknown"
-        sources.append(TextSource(name, version, Path(next(iter(spec.submodule_search_locations)))))
+        sources.append(TextSource(name, version, Path(next(iter(spec.submodule_search_locations))), group))
     return sources
 
 
@@ -118,12 +125,14 @@ def text_conversations(found: list[tuple[str, str, str]]) -> list[tuple[str, str
 
 
 def text_blocks(sources: list[TextSource]) -> list[list[tuple[str, str]]]:
-    """Pairs in blocks: the standard library's, then every package's together (one fixed shuffle
-    over them all, so a token cap spans the packages)."""
-    blocks = [text_conversations(documented_sources(s.root)) for s in sources if s.name == "stdlib"]
-    found = [f for s in sources if s.name != "stdlib" for f in documented_sources(s.root, s.name)]
-    found.sort(key=lambda f: hashlib.sha1(f[2].encode()).hexdigest())
-    return blocks + ([text_conversations(found)] if found else [])
+    """Pairs in blocks: the standard library's, then one per group of PACKAGES, each group's
+    packages together (one fixed shuffle over them, so a token cap spans the packages)."""
+    blocks = [text_conversations(documented_sources(s.root)) for s in sources if s.group < 0]
+    for group in sorted({s.group for s in sources if s.group >= 0}):
+        found = [f for s in sources if s.group == group for f in documented_sources(s.root, s.name)]
+        found.sort(key=lambda f: hashlib.sha1(f[2].encode()).hexdigest())
+        blocks.append(text_conversations(found))
+    return blocks
 
 
 def encode_answer(tokenizer, request: str, answer: str, ends: frozenset[int]) -> tuple[list[int], int]:
