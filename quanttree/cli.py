@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--top-p", type=float, default=0.95, help="data, sampled rounds: nucleus")
     train.add_argument("--prompt-range", type=prompt_range, default=None,
                        help="data: only pool prompts START:END (e.g. 3968:6982, the chat-style section)")
+    train.add_argument("--shards", default=None,
+                       help="features/train: the data shards the feature cache is built from, comma-separated "
+                            "NAME or NAME[START:STOP:STEP]; NAME = answers (the target's responses), text (scored "
+                            "text) or a file-name glob; the slice counts in name order, e.g. "
+                            "'answers[1::3],text[154:176]' (default: every shard; a cache remembers its selection)")
     train.add_argument("--steps", type=int, default=2000, help="optimizer steps in total")
     train.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this long")
     train.add_argument("--layers", type=int, default=2, help="drafter layers")
@@ -261,10 +266,11 @@ def cmd_train_drafter(args) -> int:
                           grow_layers=args.grow_layers, scored_text=args.scored_text, seed=args.seed,
                           init_from=str(resolve_drafter_dir(args.init_from)) if args.init_from else None)
         if args.stage == "features":
-            run_features_stage(engine, paths, training_layers(engine.target, cfg))
+            run_features_stage(engine, paths, training_layers(engine.target, cfg), shards=args.shards)
         else:
             name = args.checkpoints or ("checkpoints-vp" if args.variable_prefix else "checkpoints")
-            run_train_stage(engine, paths, cfg, Path(args.out), args.minutes, name, for_engines=args.for_engines)
+            run_train_stage(engine, paths, cfg, Path(args.out), args.minutes, name, for_engines=args.for_engines,
+                            shards=args.shards)
     return 0
 
 

@@ -252,6 +252,37 @@ def test_sampled_rounds_add_responses_and_the_cache_grows_whatever_the_shard_ord
     assert [shard_round(p) for p in sorted(fresh.glob("*.npz"))] == [0, 0, 1, 1, 1]
 
 
+def test_a_shard_selection_picks_the_cache_data_and_the_cache_remembers_it(tiny_chat_engine, tmp_path):
+    from quanttree.errors import QuanttreeError
+    from quanttree.train.datagen import select_shards
+
+    files = [Path(f"shard-{i:05d}.npz") for i in range(6)] + [Path(f"shard-r1-{i:05d}.npz") for i in range(3)] \
+        + [Path(f"shard-text-{i:05d}.npz") for i in range(5)]
+    names = lambda spec: [f.name for f in select_shards(files, spec)]  # noqa: E731
+    assert names(None) == sorted(f.name for f in files)
+    answers = [f"shard-{i:05d}.npz" for i in range(6)] + [f"shard-r1-{i:05d}.npz" for i in range(3)]
+    assert names("answers[1::3]") == answers[1::3] == ["shard-00001.npz", "shard-00004.npz", "shard-r1-00001.npz"]
+    assert names("text[3:]") == ["shard-text-00003.npz", "shard-text-00004.npz"]
+    assert names("shard-r1-*, text[:1]") == ["shard-r1-00000.npz", "shard-r1-00001.npz", "shard-r1-00002.npz",
+                                            "shard-text-00000.npz"]
+    for bad, words in (("text[9:]", "selects no shard"), ("answers[a:b]", "START:STOP:STEP"),
+                       ("answers[1:", "NAME[START:STOP:STEP]")):
+        with pytest.raises(QuanttreeError, match=words.replace("[", r"\[")):
+            select_shards(files, bad)
+    # through the features stage: only the selected shard's sequences are cached, and a later run
+    # without --shards (the train stage's) reuses that cache instead of growing it to every shard
+    paths = TrainPaths(tmp_path / "work")
+    run_data_stage(tiny_chat_engine, paths, token_goal=10**6,
+                   gen_cfg=GenConfig(max_new_tokens=8, batch_size=8, chunk=16, prompts=(16, 48)))
+    shards = sorted(paths.data.glob("shard-*.npz"))
+    assert len(shards) == 2
+    cache = run_features_stage(tiny_chat_engine, paths, (1, 3), shards="answers[1:]")
+    second = [t for t, _, _ in load_shards(paths.data, "answers[1:]")]
+    assert len(cache) == len(second) < len(load_shards(paths.data))
+    assert all(np.array_equal(cache.token_ids(i).numpy(), t) for i, t in enumerate(second))
+    assert len(run_features_stage(tiny_chat_engine, paths, (1, 3))) == len(second)
+
+
 def test_the_target_writes_its_own_prompts_resumably_and_the_pool_appends_them(embedded_engine, tmp_path):
     from quanttree.train.prompts import with_self_written
     from quanttree.train.self_prompts import (SelfPromptConfig, benchmark_text, collect, generate_self_prompts,

@@ -197,10 +197,46 @@ def shard_round(path: Path) -> int:
     return TEXT_ROUND if parts[1] == "text" else int(parts[1][1:])
 
 
-def _read_shards(data_dir: Path) -> list[tuple[np.ndarray, int, int, int]]:
-    """(token ids, prompt length, pool index, round) of every sequence, shards in name order."""
+def select_shards(files: list[Path], spec: str | None) -> list[Path]:
+    """The shard files a selection names, in name order. `spec` is comma-separated terms
+    NAME or NAME[START:STOP:STEP]: NAME is `answers` (the target's responses, every round),
+    `text` (scored text) or a glob on file names; the slice counts positions among the files
+    NAME matches, in name order (`answers[1::3]`: every third answer shard from the second;
+    `text[154:176]`: scored-text shards 154-175). None or "" selects every file."""
+    from fnmatch import fnmatch
+
+    files = sorted(files)
+    if not spec:
+        return files
+    chosen = set()
+    for term in (t.strip() for t in spec.split(",") if t.strip()):
+        name, _, rest = term.partition("[")
+        if rest and not rest.endswith("]"):
+            raise QuanttreeError(f"--shards term {term!r}: write NAME or NAME[START:STOP:STEP], e.g. answers[0::3]")
+        if name == "answers":
+            matched = [f for f in files if shard_round(f) != TEXT_ROUND]
+        elif name == "text":
+            matched = [f for f in files if shard_round(f) == TEXT_ROUND]
+        else:
+            matched = [f for f in files if fnmatch(f.name, name)]
+        try:
+            bounds = [int(b) if b.strip() else None for b in rest[:-1].split(":")] if rest else [None]
+            picked = matched[slice(*bounds)] if rest else matched
+        except (ValueError, TypeError) as exc:
+            raise QuanttreeError(f"--shards term {term!r}: the slice must be START:STOP:STEP integers "
+                                 f"(any may be empty), e.g. text[154:176] ({exc})") from None
+        if not picked:
+            raise QuanttreeError(f"--shards term {term!r} selects no shard file (of {len(matched)} that "
+                                 f"{name!r} matches): check the name and the range")
+        chosen.update(picked)
+    return sorted(chosen)
+
+
+def _read_shards(data_dir: Path, spec: str | None = None) -> list[tuple[np.ndarray, int, int, int]]:
+    """(token ids, prompt length, pool index, round) of every sequence of the selected shards
+    (`select_shards`; all by default), shards in name order."""
     out = []
-    for path in sorted(data_dir.glob("shard-*.npz")):
+    for path in select_shards(list(data_dir.glob("shard-*.npz")), spec):
         rnd = shard_round(path)
         with np.load(path) as z:
             tokens, offsets = z["tokens"], z["offsets"]
@@ -209,9 +245,9 @@ def _read_shards(data_dir: Path) -> list[tuple[np.ndarray, int, int, int]]:
     return out
 
 
-def load_shards(data_dir: Path) -> list[tuple[np.ndarray, int, int]]:
-    """All sequences as (token ids, prompt length, pool index)."""
-    return [s[:3] for s in _read_shards(data_dir)]
+def load_shards(data_dir: Path, spec: str | None = None) -> list[tuple[np.ndarray, int, int]]:
+    """The sequences of the selected shards (all by default) as (token ids, prompt length, pool index)."""
+    return [s[:3] for s in _read_shards(data_dir, spec)]
 
 
 def count_tokens(data_dir: Path) -> int:

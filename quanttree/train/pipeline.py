@@ -138,15 +138,31 @@ def training_layers(target, cfg) -> tuple[int, ...]:
     return default_target_layer_ids(target.num_layers, cfg.num_features)
 
 
-def run_features_stage(engine, paths: TrainPaths, layers: tuple[int, ...], top_k: int = 32):
-    """Target features + top-k soft labels of every training sequence, cached once (resumable).
+def shard_selection(where: Path, shards: str | None) -> str | None:
+    """The --shards selection a feature cache is built from: the one given (then recorded beside
+    the cache), else the one recorded when it was built, else None (every data shard)."""
+    record = where / "shards.json"
+    if shards:
+        where.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"shards": shards}))
+        return shards
+    return json.loads(record.read_text())["shards"] if record.exists() else None
+
+
+def run_features_stage(engine, paths: TrainPaths, layers: tuple[int, ...], top_k: int = 32,
+                       shards: str | None = None):
+    """Target features + top-k soft labels of the training sequences of the selected data shards
+    (`datagen.select_shards`; a cache remembers its selection), cached once (resumable).
     A finished cache that holds these layers (and maybe more) is reused as it is."""
     from .datagen import load_shards
     from .features import build_cache, open_cache, order_like_cache
 
     where = paths.work / "features"
     unpack_committed_data(engine, paths)  # a fresh work dir starts from the committed data pack
-    sequences = order_like_cache(where, load_shards(paths.data))
+    spec = shard_selection(where, shards)
+    if spec:
+        logger(paths)(f"features: data shards {spec}")
+    sequences = order_like_cache(where, load_shards(paths.data, spec))
     if (where / "meta.json").exists():
         cache = open_cache(where)
         if len(cache) == len(cache.pool_index) == (len(sequences) or len(cache)) and set(layers) <= set(cache.layers):
@@ -162,11 +178,11 @@ def run_features_stage(engine, paths: TrainPaths, layers: tuple[int, ...], top_k
 
 
 def run_train_stage(engine, paths: TrainPaths, cfg, out: Path, minutes: float | None = None,
-                    checkpoints: str = "checkpoints", for_engines: bool = False) -> Path:
+                    checkpoints: str = "checkpoints", for_engines: bool = False, shards: str | None = None) -> Path:
     """Train (resuming from the last checkpoint) on the cached features and export the drafter to `out`."""
     from .trainer import Trainer
 
-    cache = run_features_stage(engine, paths, training_layers(engine.target, cfg))
+    cache = run_features_stage(engine, paths, training_layers(engine.target, cfg), shards=shards)
     log = logger(paths)
     log(f"train: {len(cache)} sequences, features of target layers {list(cache.layers)}")
     try:
