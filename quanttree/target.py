@@ -167,6 +167,23 @@ class Target:
         return {"full_attention": mask, "sliding_attention": windowed}
 
     @torch.inference_mode()
+    @contextmanager
+    def computed_in(self, dtype: torch.dtype):
+        """Floating-point weights cast to `dtype` for the duration, then back (bf16 -> fp32 ->
+        bf16 is lossless): the same weights, with the arithmetic of `dtype`."""
+        was = self.dtype
+        cast = [t for t in {id(t): t for t in list(self.model.parameters()) + list(self.model.buffers())}.values()
+                if t.dtype == was]  # only tensors in the model's dtype (fp32 rotary buffers stay as they are)
+        for t in cast:
+            t.data = t.data.to(dtype)
+        self.dtype = dtype
+        try:
+            yield self
+        finally:
+            for t in cast:
+                t.data = t.data.to(was)
+            self.dtype = was
+
     def hidden_and_logits(self, input_ids: torch.Tensor, feature_layers: tuple[int, ...]):
         """A cache-free batched forward over [b, n] ids at positions 0..n-1 (training data):
         logits [b, n, V] and the chosen layers' outputs concatenated [b, n, k*H]."""

@@ -283,6 +283,36 @@ def test_a_shard_selection_picks_the_cache_data_and_the_cache_remembers_it(tiny_
     assert len(run_features_stage(tiny_chat_engine, paths, (1, 3))) == len(second)
 
 
+def test_a_bf16_target_without_native_bf16_computes_features_in_fp32_and_is_left_as_it_was(tmp_path, tokenizer,
+                                                                                             monkeypatch):
+    import quanttree.models
+    from quanttree.train.pipeline import feature_dtype
+
+    path = make_tiny_target(tmp_path / "t", "llama", tokenizer, num_hidden_layers=4)
+    target = quanttree.load(str(path), quant="bf16", device="cpu", drafter=None, corpus=None,
+                            log=lambda *_: None).target
+    monkeypatch.setattr(quanttree.models, "cpu_has_native_bf16", lambda: False)
+    assert feature_dtype(target, free_bytes=10**12) == torch.float32
+    assert feature_dtype(target, free_bytes=1000) == torch.bfloat16  # no room for an fp32 copy: as loaded
+    monkeypatch.setattr(quanttree.models, "cpu_has_native_bf16", lambda: True)
+    assert feature_dtype(target, free_bytes=10**12) == torch.bfloat16
+    before = {k: v.clone() for k, v in target.model.state_dict().items()}
+    buffers = {k: b.dtype for k, b in target.model.named_buffers()}
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 2, 11]])
+    logits16, feats16 = target.hidden_and_logits(ids, (1, 3))
+    with target.computed_in(torch.float32):
+        assert target.dtype == torch.float32
+        assert all(p.dtype == torch.float32 for p in target.model.parameters())
+        assert {k: b.dtype for k, b in target.model.named_buffers()} == buffers  # fp32 rotary buffers untouched
+        logits32, feats32 = target.hidden_and_logits(ids, (1, 3))
+    assert logits32.dtype == feats32.dtype == torch.float32
+    # the same weights in finer arithmetic: close to the bf16 forward, not equal to it
+    assert torch.allclose(feats32, feats16.float(), atol=0.1, rtol=0.05) and not torch.equal(feats32, feats16.float())
+    after = target.model.state_dict()
+    assert target.dtype == torch.bfloat16 and before.keys() == after.keys()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_the_target_writes_its_own_prompts_resumably_and_the_pool_appends_them(embedded_engine, tmp_path):
     from quanttree.train.prompts import with_self_written
     from quanttree.train.self_prompts import (SelfPromptConfig, benchmark_text, collect, generate_self_prompts,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..drafter import (DFlashDrafter, check_fits_target, init_random, random_drafter_config, read_draft_vocab,
                        read_drafter, save_drafter, window_visible)
 from ..errors import QuanttreeError
+from ..models import native_bf16
 from ..target import Target
 from .baselines import slot1_baselines
 from .datagen import is_held_out, is_scored_text
@@ -52,7 +53,9 @@ class TrainConfig:
     seed: int = 0
     variable_prefix: bool = False
     prefix_decay: float = 0.9
-    bf16_autocast: bool = True  # drafter matmuls in bf16, fp32 master weights
+    # drafter matmuls in bf16 (fp32 master weights); None: where the device computes bf16 natively
+    # (on a CPU with AVX2 alone bf16 is emulated, ~8x slower than fp32)
+    bf16_autocast: bool | None = None
     init_from: str | None = None  # start from this drafter dir (its shape and draft vocabulary win)
     grow_layers: int = 0  # with init_from: append this many layers that start as the identity
     refresh_vocab: bool = False  # with init_from: pick the draft vocabulary from this run's data instead
@@ -231,6 +234,7 @@ class Trainer:
                  eos_ids: frozenset[int] = frozenset()):
         torch.set_flush_denormal(True)
         self.target, self.cache, self.cfg, self.work, self.log = target, cache, cfg, work, log
+        self.autocast = cfg.bf16_autocast if cfg.bf16_autocast is not None else native_bf16(target.device)
         self.train_ids, self.held_ids = split_indices(cache.pool_index[:len(cache)])
         if not cfg.scored_text:
             self.train_ids = [i for i in self.train_ids if not is_scored_text(cache.pool_index[i])]
@@ -309,7 +313,9 @@ class Trainer:
         """Draft over `vocab` (None = the whole vocabulary): lm_head rows and the id remap."""
         self.vocab = vocab
         head = self.target.model.get_output_embeddings().weight.detach()
-        self.head = (head[vocab] if vocab is not None else head).to(torch.bfloat16)
+        # bf16 values as the exported drafter holds them; bf16 arithmetic only where it is native
+        self.head = (head[vocab] if vocab is not None else head).to(torch.bfloat16) \
+            .to(torch.bfloat16 if self.autocast else torch.float32)
         self.remap = torch.arange(self.target.vocab_size)
         if vocab is not None:  # full id -> draft index (-100 outside the draft vocabulary)
             self.remap = torch.full((self.target.vocab_size,), -100, dtype=torch.long)
@@ -342,7 +348,7 @@ class Trainer:
         ids, labels, pos = block_inputs(tokens, anchors, self.cfg.block_size, prefix)
         feats = self.cache.feature_rows(i, self.drafter.config.target_layer_ids)[: tokens.numel()]
         mask = block_context_mask(anchors, tokens.numel(), self.cfg.block_size)
-        with torch.autocast(self.target.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16_autocast):
+        with torch.autocast(self.target.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             states = drafter_train_forward(self.drafter, feats.to(self.target.device), self.embed_blocks(ids), pos,
                                            mask)
         return states, labels, pos
@@ -369,7 +375,7 @@ class Trainer:
         weights = slot_weights(cfg.block_size, cfg.gamma, prefix, anchors.numel()).reshape(-1)
         labels, pos = labels.reshape(-1), pos.reshape(-1)
         keep = labels >= 0
-        logq = torch.log_softmax((states.reshape(-1, states.shape[-1])[keep].to(torch.bfloat16)
+        logq = torch.log_softmax((states.reshape(-1, states.shape[-1])[keep].to(self.head.dtype)
                                   @ self.head.T).float(), dim=-1)  # [n, N]
         hard_ids = self.remap[labels[keep]]
         loss = torch.zeros(logq.shape[0])
@@ -509,7 +515,7 @@ class Trainer:
         """Draft logits [A, B-1, V] of the blocks at `anchors` of cached sequence i (full blocks)
         and their true tokens [A, B-1] as draft indices (-1 outside the draft vocabulary)."""
         states, labels, _ = self.block_states(i, anchors, prefix)
-        return (states[:, 1:].to(torch.bfloat16) @ self.head.T).float(), self.remap[labels[:, 1:].clamp(min=0)]
+        return (states[:, 1:].to(self.head.dtype) @ self.head.T).float(), self.remap[labels[:, 1:].clamp(min=0)]
 
     # ------------------------------------------------ checkpoints
     def checkpoint_dir(self) -> Path:
