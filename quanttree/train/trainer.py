@@ -54,7 +54,7 @@ class TrainConfig:
     variable_prefix: bool = False
     prefix_decay: float = 0.9
     # drafter matmuls in bf16 (fp32 master weights); None: where the device computes bf16 natively
-    # (on a CPU with AVX2 alone bf16 is emulated, ~8x slower than fp32)
+    # (on a CPU with AVX2 alone bf16 is emulated: a training sequence 29x slower, benchmarks/cpu_bf16.py)
     bf16_autocast: bool | None = None
     init_from: str | None = None  # start from this drafter dir (its shape and draft vocabulary win)
     grow_layers: int = 0  # with init_from: append this many layers that start as the identity
