@@ -166,7 +166,6 @@ class Target:
             return windowed
         return {"full_attention": mask, "sliding_attention": windowed}
 
-    @torch.inference_mode()
     @contextmanager
     def computed_in(self, dtype: torch.dtype):
         """Floating-point weights cast to `dtype` for the duration, then back (bf16 -> fp32 ->
@@ -184,6 +183,7 @@ class Target:
                 t.data = t.data.to(was)
             self.dtype = was
 
+    @torch.inference_mode()
     def hidden_and_logits(self, input_ids: torch.Tensor, feature_layers: tuple[int, ...]):
         """A cache-free batched forward over [b, n] ids at positions 0..n-1 (training data):
         logits [b, n, V] and the chosen layers' outputs concatenated [b, n, k*H]."""
