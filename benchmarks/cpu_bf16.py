@@ -18,6 +18,7 @@ Reported as tokens/s or sequences/s and as ratios, measured side by side in one 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -46,8 +47,6 @@ def main() -> None:
     engine = quanttree.load("smollm2-135m", quant="bf16", device="cpu", drafter=None, corpus=None)
     target = engine.target
     shipped = Path(quanttree.__file__).parent / "drafters" / "smollm2-135m"
-    import json
-
     layers = tuple(json.loads((shipped / "config.json").read_text())["dflash_config"]["target_layer_ids"])
     with np.load(packed_data_file("smollm2-135m", "bf16")) as z:
         offsets, tokens, plens, pidx = z["offsets"], z["tokens"], z["prompt_lens"], z["pool_index"]

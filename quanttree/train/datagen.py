@@ -220,8 +220,8 @@ def select_shards(files: list[Path], spec: str | None) -> list[Path]:
         else:
             matched = [f for f in files if fnmatch(f.name, name)]
         try:
-            bounds = [int(b) if b.strip() else None for b in rest[:-1].split(":")] if rest else [None]
-            picked = matched[slice(*bounds)] if rest else matched
+            picked = matched[slice(*[int(b) if b.strip() else None for b in rest[:-1].split(":")])] \
+                if rest else matched
         except (ValueError, TypeError) as exc:
             raise QuanttreeError(f"--shards term {term!r}: the slice must be START:STOP:STEP integers "
                                  f"(any may be empty), e.g. text[154:176] ({exc})") from None
