@@ -115,16 +115,20 @@ class DraftContext:
             self.pending = []
 
     @torch.inference_mode()
-    def log_probs(self, root: int, start: int) -> torch.Tensor:
-        """Per-depth draft marginals for depths 1..B-1 after root at position start.
-        -> [B-1, V], or [B-1, N] over the draft vocabulary (map indices with `self.vocab`)."""
+    def states(self, root: int, start: int) -> torch.Tensor:
+        """The drafter's final states for depths 1..B-1 after root at position start. [B-1, H]"""
         self.absorb()
         block = self.drafter.config.block_size
         root_embed = self.target.embed(torch.tensor([root], device=self.target.device)).to(self.drafter.dtype)
         embeds = torch.cat([root_embed, self.mask_embed.expand(block - 1, -1)])[None]  # [1, B, H]
         positions = torch.arange(start, start + block, device=self.target.device)
-        hidden = self.drafter.forward_block(embeds, positions, self.cache)
-        return self._log_softmax(hidden[0, 1:])
+        return self.drafter.forward_block(embeds, positions, self.cache)[0, 1:]
+
+    @torch.inference_mode()
+    def log_probs(self, root: int, start: int) -> torch.Tensor:
+        """Per-depth draft marginals for depths 1..B-1 after root at position start.
+        -> [B-1, V], or [B-1, N] over the draft vocabulary (map indices with `self.vocab`)."""
+        return self._log_softmax(self.states(root, start))
 
     def _log_softmax(self, hidden: torch.Tensor) -> torch.Tensor:
         """Drafter states [..., H] -> log-probs over the draft vocabulary (or the full one)."""
