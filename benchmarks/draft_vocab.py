@@ -9,10 +9,12 @@ and its final states go through the target's lm_head rows of several vocabularie
 drafter's own, the N most frequent tokens of the pack's training answers for each --sizes
 entry (0 = the whole vocabulary). Rounds are then replayed per vocabulary (each starts right
 after the last rejection, as in decoding; the drafter's context is the teacher-forced one, so
-figures can differ from real decoding by rounding). Acceptance only, no timing.
+figures can differ from real decoding by rounding).
 
 Per vocabulary: response tokens outside it, the share of DDTree rounds that end at a token
-outside the drafter's own vocabulary, teacher-forced slot 1, chain tau and DDTree@budget tau.
+outside the drafter's own vocabulary, teacher-forced slot 1, chain tau, DDTree@budget tau, and
+the drafter pass's time (its block pass plus that vocabulary's head, timed side by side per
+position: pause other torch work while it runs).
 
     python benchmarks/draft_vocab.py --drafter quanttree/drafters/smollm2-135m --prompts 48
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +48,11 @@ def held_out_prompts(packed: Path, count: int, seed: int = 0) -> tuple[list[list
     return prompts, train
 
 
-def drafted_tops(engine, sequence: list[int], start: int, vocabs: dict, k: int) -> dict:
+def drafted_tops(engine, sequence: list[int], start: int, heads: dict, k: int, clock: dict) -> dict:
     """Per vocabulary, the drafter's top-k (log-probs, token ids) at every position from
-    `start` on: {name: ([P, D, k], [P, D, k])}, one drafter pass per position."""
+    `start` on: {name: ([P, D, k], [P, D, k])}, one drafter pass per position, its states
+    scored through each vocabulary's head rows (heads: {name: (vocab ids or None, rows)}).
+    Adds seconds to clock["states"] and clock[name] (the head, softmax and top-k), side by side."""
     from quanttree.decode import DraftContext
 
     ids = torch.tensor(sequence)[None]
@@ -57,12 +62,17 @@ def drafted_tops(engine, sequence: list[int], start: int, vocabs: dict, k: int) 
     feats = feats[0]
     ctx = DraftContext(engine.drafter, engine.target)
     ctx.commit(feats[:start], torch.arange(start))
-    out = {name: ([], []) for name in vocabs}
+    out = {name: ([], []) for name in heads}
     for pos in range(start, len(sequence) - 1):
         with torch.inference_mode():
-            logits = engine.target.lm_head(ctx.states(sequence[pos], pos)).float()  # [D, V]
-            for name, vocab in vocabs.items():
-                top = torch.log_softmax(logits if vocab is None else logits[:, vocab], -1).topk(k, dim=-1)
+            t0 = time.perf_counter()
+            states = ctx.states(sequence[pos], pos)
+            clock["states"] += time.perf_counter() - t0
+            for name, (vocab, rows) in heads.items():
+                t0 = time.perf_counter()
+                lp = torch.log_softmax((states.to(rows.dtype) @ rows.T).float(), -1)  # [D, N]
+                top = lp.topk(k, dim=-1)
+                clock[name] += time.perf_counter() - t0
                 out[name][0].append(top.values)
                 out[name][1].append(top.indices if vocab is None else vocab[top.indices])
         ctx.commit(feats[pos:pos + 1], torch.tensor([pos]))
@@ -118,6 +128,9 @@ def main() -> None:
     vocabs = {"drafter's own": engine.drafter.draft_vocab}
     for n in (int(s) for s in args.sizes.split(",")):
         vocabs["all" if n == 0 else f"top {n}"] = None if n == 0 else draft_vocabulary(train, n, size, engine.eos_token_ids)
+    weight = engine.target.model.get_output_embeddings().weight.detach()
+    heads = {name: (vocab, weight if vocab is None else weight[vocab]) for name, vocab in vocabs.items()}
+    clock = dict.fromkeys(["states", *vocabs], 0.0)
     own = vocabs["drafter's own"]
     outside_own = set(range(size)) - set(own.tolist()) if own is not None else set()
     pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else min(engine.eos_token_ids)
@@ -129,7 +142,7 @@ def main() -> None:
         sequence, start = prompt + list(answer), len(prompt)
         if len(sequence) - start < 2:
             continue
-        tops = drafted_tops(engine, sequence, start, vocabs, args.budget)
+        tops = drafted_tops(engine, sequence, start, heads, args.budget, clock)
         for name, (lp, tok) in tops.items():
             tree = replay(sequence, start, lp, tok, args.budget, outside_own)
             chain = replay(sequence, start, lp, tok, 1, outside_own)
@@ -138,20 +151,23 @@ def main() -> None:
     response = [t for a in answers for t in a]
     rows, lines = [], ["| vocabulary | tokens | answer tokens outside | DDTree rounds ended at a token outside "
                        "the drafter's own | teacher-forced slot 1 | chain tau | "
-                       f"DDTree@{args.budget} tau |", "|---|---|---|---|---|---|---|"]
+                       f"DDTree@{args.budget} tau | drafter pass ms |", "|---|---|---|---|---|---|---|---|"]
+    passes = totals["drafter's own"][6]  # one drafter pass per scored position
     for name, vocab in vocabs.items():
         t = totals[name]
         inside = set(range(size)) if vocab is None else set(vocab.tolist())
         row = {"vocabulary": name, "size": size if vocab is None else len(vocab),
                "outside": sum(x not in inside for x in response) / max(len(response), 1),
                "rounds_ended_outside_own": t[2] / t[0], "slot1": t[5] / t[6], "chain_tau": t[4] / t[3],
-               "tree_tau": t[1] / t[0]}
+               "tree_tau": t[1] / t[0], "pass_ms": 1000 * (clock["states"] + clock[name]) / max(passes, 1)}
         rows.append(row)
         lines.append(f"| {name} | {row['size']} | {row['outside']:.3f} | {row['rounds_ended_outside_own']:.3f} | "
-                     f"{row['slot1']:.3f} | {row['chain_tau']:.3f} | {row['tree_tau']:.3f} |")
+                     f"{row['slot1']:.3f} | {row['chain_tau']:.3f} | {row['tree_tau']:.3f} | {row['pass_ms']:.2f} |")
     note = (f"\n\n{len(prompts)} held-out pool prompts, {engine.quant} target, greedy, {args.max_new_tokens} new "
             f"tokens; one drafter ({Path(args.drafter).name}), its states scored through each vocabulary's "
-            "rows of the target's lm_head; decoding rounds replayed on teacher-forced features.\n")
+            "rows of the target's lm_head; decoding rounds replayed on teacher-forced features. Drafter pass: "
+            f"the drafter's block pass plus that vocabulary's head, softmax and top-k, timed side by side "
+            f"({torch.get_num_threads()} threads; meaningful only on an otherwise idle CPU).\n")
     print(write_results(args.name, "python benchmarks/draft_vocab.py " + " ".join(sys.argv[1:]),
                         "\n".join(lines) + note, rows))
 
