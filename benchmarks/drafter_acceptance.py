@@ -77,8 +77,16 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--name", default="drafter_acceptance")
     ap.add_argument("--d2sd", action="store_true", help="also D2SD at --budget nodes")
+    ap.add_argument("--suites", default="chat,humaneval",
+                    help="comma-separated: chat, humaneval (one suite alone where the target is slow, e.g. "
+                         "bf16 on a CPU without native bf16)")
     args = ap.parse_args()
-    suites = {"chat": chat_prompts(args.prompts), "humaneval": humaneval_prompts(args.prompts)}
+    loaders = {"chat": chat_prompts, "humaneval": humaneval_prompts}
+    names = [s.strip() for s in args.suites.split(",") if s.strip()]
+    unknown = [s for s in names if s not in loaders]
+    if unknown or not names:
+        ap.error(f"--suites {args.suites!r}: choose from {', '.join(loaders)}")
+    suites = {s: loaders[s](args.prompts) for s in names}
     rows, forced = [], {}
     work = Path(tempfile.mkdtemp(prefix="drafter-acceptance-"))
     responses = None
