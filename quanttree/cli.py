@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--block-size", type=int, default=16)
     train.add_argument("--draft-vocab", type=int, default=8192, help="frequency-ranked draft vocabulary (0 = full)")
     train.add_argument("--anchors", type=int, default=64, help="blocks per sequence")
+    train.add_argument("--round-start-share", type=float, default=0.0,
+                       help="share of each sequence's anchors drawn where greedy decoding's rounds start "
+                            "(replayed with the drafter, DDTree of --round-start-budget nodes), the rest uniform; "
+                            "decoding anchors every round right after a rejection")
+    train.add_argument("--round-start-budget", type=int, default=16, help="tree nodes of that replay (1: the chain)")
     train.add_argument("--seqs-per-step", type=int, default=4)
     train.add_argument("--lr", type=float, default=6e-4)
     train.add_argument("--gamma", type=float, default=7.0, help="slot weight decay exp(-(k-1)/gamma)")
@@ -264,6 +269,7 @@ def cmd_train_drafter(args) -> int:
                           init=args.init, feature_layers=args.feature_layers, mask_token_id=args.mask_token_id,
                           fc_init=args.fc_init, eval_every=args.eval_every, refresh_vocab=args.refresh_vocab,
                           grow_layers=args.grow_layers, scored_text=args.scored_text, seed=args.seed,
+                          round_start_share=args.round_start_share, round_start_budget=args.round_start_budget,
                           init_from=str(resolve_drafter_dir(args.init_from)) if args.init_from else None)
         if args.stage == "features":
             run_features_stage(engine, paths, training_layers(engine.target, cfg), shards=args.shards)

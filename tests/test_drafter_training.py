@@ -251,3 +251,70 @@ def test_tree_tau_walks_best_first_trees_along_the_truth():
     assert tree_tau(q, sibling_true, 1.0, budget=2) == 2.0 and tree_tau(q, sibling_true, 0.6, budget=2) == 1.0
     third = torch.tensor([[2, 0]])  # the third depth-1 token (0.2) ranks below the top-1 path (0.225)
     assert tree_tau(q, third, 1.0, budget=3) == 1.0 and tree_tau(q, third, 1.0, budget=4) == 2.0
+
+
+def test_tree_accepts_equals_building_and_walking_each_tree():
+    """The batched accepted lengths are those of tree.build_tree (or build_chain) walked along the truth."""
+    from quanttree.train.trainer import tree_accepts
+    from quanttree.tree import build_chain, build_tree, walk
+
+    gen = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(200, 5, 40, generator=gen)
+    truth = torch.where(torch.rand(200, 5, generator=gen) < 0.6, logits.argmax(-1),
+                        torch.randint(0, 40, (200, 5), generator=gen))
+    truth[torch.rand(200, 5, generator=gen) < 0.05] = -1  # outside the draft vocabulary
+    for budget in (1, 2, 5, 16, 40):
+        want = []
+        for lg, t in zip(logits, truth):
+            lp = lg.log_softmax(-1)
+            tree = build_chain(lp, 0) if budget == 1 else build_tree(lp, 0, budget)
+            want.append(walk(tree, torch.cat([t, torch.tensor([-1])])[tree.depths]).accept_len)
+        got = tree_accepts(logits, truth, budget)
+        assert got.tolist() == want and got.max() > 1
+
+
+def test_replay_rounds_start_after_each_rounds_accepted_tokens():
+    from quanttree.train.trainer import replay_rounds
+
+    accepts = torch.tensor([2, 0, 0, 1, 0, 3, 0, 0])  # anchors 10..17
+    assert replay_rounds(accepts, 10, 18).tolist() == [10, 13, 15]  # 10 +2+1 -> 13 +1+1 -> 15 +3+1 -> 19 (done)
+
+
+def test_round_start_anchors_are_where_replayed_decoding_starts_and_survive_a_resume(tiny_engine, tmp_path):
+    """--round-start-share: a share of each sequence's anchors are the round starts of greedy
+    decoding replayed with the drafter; they are computed once per sequence, kept in the checkpoint,
+    and a resumed run continues as an uninterrupted one."""
+    cache = build_cache(tiny_engine.target, sequences(5, 40), tmp_path / "f", LAYERS, top_k=4, log=lambda *_: None)
+    cfg = TrainConfig(num_layers=1, block_size=4, feature_layers=LAYERS, draft_vocab=0, anchors=8, seqs_per_step=2,
+                      steps=6, init="random", eval_every=10**6, ckpt_every=3, bf16_autocast=False,
+                      round_start_share=0.5, round_start_budget=4)
+    probe = Trainer(tiny_engine.target, cache, cfg, tmp_path / "p", log=lambda *_: None)
+    real = probe.block_logits
+
+    def oracle(i, anchors, prefix):  # right along the whole block at anchors divisible by 3, wrong elsewhere
+        logits, truth = real(i, anchors, prefix)
+        sure = 20.0 * torch.nn.functional.one_hot(truth.clamp(min=0), logits.shape[-1])
+        return torch.where((anchors % 3 == 0)[:, None, None], sure, -sure), truth
+
+    probe.block_logits = oracle
+    i = probe.train_ids[0]
+    accepts = probe.response_accepts(i, (4,))[4]
+    assert accepts.tolist() == [3 if (8 + k) % 3 == 0 and 8 + k + 3 < 40 else min(max(40 - 9 - k, 0), 3)
+                                if (8 + k) % 3 == 0 else 0 for k in range(31)]
+    starts = probe.replayed_round_starts(i, 4)
+    assert starts.tolist()[:6] == [8, 9, 13, 14, 15, 19]  # 8 misses -> 9, which accepts 3 -> 13, ... 15 -> 19
+    anchors = probe.draw_anchors(i, torch.Generator().manual_seed(1))
+    assert torch.isin(anchors, starts).sum() >= 4 and anchors.numel() <= 8
+    assert list(probe.round_starts) == [i]
+    whole = Trainer(tiny_engine.target, cache, cfg, tmp_path / "a", log=lambda *_: None)
+    whole.train()
+    cut = Trainer(tiny_engine.target, cache, cfg, tmp_path / "b", log=lambda *_: None)
+    cut.train(stop_at=3)
+    again = Trainer(tiny_engine.target, cache, cfg, tmp_path / "b", log=lambda *_: None)
+    again.resume()
+    assert again.step == 3 and again.round_starts.keys() == cut.round_starts.keys()
+    again.train()
+    for name, value in whole.drafter.state_dict().items():
+        torch.testing.assert_close(again.drafter.state_dict()[name], value)
+    report = whole.evaluate()
+    assert 1.0 <= report["replay_chain_tau"] <= report["replay_ddtree16_tau"] <= 4.0

@@ -61,6 +61,11 @@ class TrainConfig:
     refresh_vocab: bool = False  # with init_from: pick the draft vocabulary from this run's data instead
     mask_token_id: int | None = None  # a target vocabulary token as the mask (None: a learned mask embedding)
     scored_text: bool = True  # train on the cache's scored text too (code_text.py), not only the target's answers
+    # share of each sequence's anchors drawn where greedy decoding's rounds start (replayed with the
+    # drafter as it is when the sequence is first drawn, DDTree of round_start_budget nodes; 1: the
+    # chain); the rest uniformly. Decoding anchors every round right after a rejection: harder positions
+    round_start_share: float = 0.0
+    round_start_budget: int = 16
 
 
 # ---------------------------------------------------------------- data
@@ -208,14 +213,51 @@ def tree_tau(logits: torch.Tensor, truth: torch.Tensor, temperature: float, budg
     """Teacher-forced DDTree tau: mean accepted length + 1 of best-first trees of `budget` nodes
     built from the marginals softmax(logits / temperature), walked along the true continuation.
     logits: [N, D, V] per block and depth; truth: [N, D] the true tokens (-1: none matches)."""
-    from ..tree import build_tree, walk
+    return 1 + float(tree_accepts(logits.float() / temperature, truth, budget).float().mean()) if len(logits) else 1.0
 
-    total = 0
-    for lg, t in zip(logits, truth):
-        tree = build_tree((lg.float() / temperature).log_softmax(-1), 0, budget)
-        after = torch.cat([t, torch.full((1,), -1, dtype=t.dtype)])  # the token after a node at depth d
-        total += walk(tree, after[tree.depths]).accept_len
-    return 1 + total / max(len(logits), 1)
+
+def tree_accepts(logits: torch.Tensor, truth: torch.Tensor, budget: int) -> torch.Tensor:
+    """Drafted tokens each block's tree accepts when walked along the truth, all blocks at once:
+    DDTree's best-first tree of `budget` nodes (`tree.build_tree`), or DFlash's chain for budget 1.
+    The best-first tree holds exactly the `budget` highest-scoring prefixes (score: the sum of the
+    per-depth marginal log-probs), at most `budget` of them at each depth, so the true prefix of
+    depth d is in it iff its score reaches the budget-th best of the per-depth top-`budget`s.
+    logits: [N, D, V]; truth: [N, D] (-1 or out of range: no token matches). -> [N] long"""
+    n, depth, vocab = logits.shape
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    valid = (truth >= 0) & (truth < vocab)
+    if budget == 1:
+        hit = (logits.argmax(-1) == truth) & valid
+        return hit.long().cumprod(dim=1).sum(dim=1)
+    lp = logits.float().log_softmax(-1)
+    true_lp = torch.where(valid, lp.gather(-1, truth.clamp(0, vocab - 1)[..., None])[..., 0],
+                          torch.full(truth.shape, -math.inf))
+    k = min(budget, vocab)
+    top = lp.topk(k, dim=-1).values  # [N, D, k]
+    beam, levels = top[:, 0], [top[:, 0]]
+    for d in range(1, depth):
+        cand = (beam[:, :, None] + top[:, d, None, :]).reshape(n, -1)
+        beam = cand.topk(min(budget, cand.shape[1]), dim=-1).values
+        levels.append(beam)
+    scores = torch.cat(levels, dim=1)
+    threshold = scores.topk(min(budget, scores.shape[1]), dim=-1).values[:, -1]  # [N]
+    prefix = [true_lp[:, 0]]  # summed depth by depth as the beam sums (cumsum rounds otherwise)
+    for d in range(1, depth):
+        prefix.append(prefix[-1] + true_lp[:, d])
+    return (torch.stack(prefix, dim=1) >= threshold[:, None]).long().cumprod(dim=1).sum(dim=1)
+
+
+def replay_rounds(accepts: torch.Tensor, first: int, end: int) -> torch.Tensor:
+    """Greedy decoding's round starts, replayed: a round anchored at position p accepts
+    accepts[p - first] drafted tokens, and the next round starts at the target's token after
+    them. accepts: [end - first] for anchors first..end-1. -> the anchor positions visited [R]"""
+    starts, pos = [], first
+    acc = accepts.tolist()
+    while pos < end:
+        starts.append(pos)
+        pos += int(acc[pos - first]) + 1
+    return torch.tensor(starts, dtype=torch.long)
 
 
 def slot_weights(block: int, gamma: float, prefix: torch.Tensor | None, anchors: int) -> torch.Tensor:
@@ -243,6 +285,11 @@ class Trainer:
         if cfg.distill < 1.0 and any(is_scored_text(cache.pool_index[i]) for i in self.train_ids):
             raise ValueError("the feature cache holds scored text (answers the target did not write): its hard "
                              "labels are not the target's; train with --distill 1.0 (the target's own distribution)")
+        if not 0.0 <= cfg.round_start_share <= 1.0 or cfg.round_start_budget < 1:
+            raise ValueError(f"--round-start-share must be in [0, 1] (got {cfg.round_start_share}) and "
+                             f"--round-start-budget at least 1 (got {cfg.round_start_budget})")
+        if cfg.round_start_share and cfg.variable_prefix:
+            raise ValueError("--round-start-share replays DFlash rounds: it does not apply to a variable-prefix drafter")
         torch.manual_seed(cfg.seed)  # the drafter's initialisation depends only on the config
         if cfg.init_from:
             self.drafter, vocab = start_from_drafter(Path(cfg.init_from), target, cfg.grow_layers)
@@ -287,6 +334,7 @@ class Trainer:
         self.step, self.minutes = 0, 0.0
         self.history: list[dict] = []  # every evaluation of this run (kept in checkpoints)
         self._baselines: dict | None = None
+        self.round_starts: dict[int, torch.Tensor] = {}  # sequence -> replayed round starts (kept in checkpoints)
 
     # ------------------------------------------------ pieces
     @torch.no_grad()
@@ -363,11 +411,68 @@ class Trainer:
         probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-9)
         return idx.clamp(min=0), probs
 
+    def sequence_len(self, i: int) -> int:
+        return min(int(self.cache.offsets[i + 1] - self.cache.offsets[i]), self.cfg.max_seq_len)
+
+    @torch.no_grad()
+    def response_accepts(self, i: int, budgets: tuple[int, ...], chunk: int = 128) -> dict[int, torch.Tensor]:
+        """Drafted tokens a round anchored at each response position of cached sequence i would
+        accept (teacher-forced context, trees of each budget walked along the truth: 1 = the chain).
+        The first anchor is the first response token, as after prefill. -> {budget: [P]}"""
+        n, first = self.sequence_len(i), int(self.cache.prompt_lens[i])
+        out = {b: [] for b in budgets}
+        for part in torch.arange(first, max(n - 1, first)).split(chunk):
+            logits, truth = self.block_logits(i, part, None)
+            beyond = part[:, None] + torch.arange(1, self.cfg.block_size)[None, :] >= n
+            truth = truth.masked_fill(beyond, -1)
+            for b in budgets:
+                out[b].append(tree_accepts(logits, truth, b))
+        return {b: torch.cat(v) if v else torch.zeros(0, dtype=torch.long) for b, v in out.items()}
+
+    def replayed_round_starts(self, i: int, budget: int) -> torch.Tensor:
+        """Where greedy decoding of sequence i's response starts its rounds, replayed with this drafter."""
+        first = int(self.cache.prompt_lens[i])
+        accepts = self.response_accepts(i, (budget,))[budget]
+        return replay_rounds(accepts, first, first + accepts.numel())
+
+    @torch.no_grad()
+    def replayed_decoding(self, ids: list[int], budgets: tuple[int, ...] = (1, 16)) -> dict:
+        """Greedy decoding replayed on sequences `ids` (teacher-forced features): per budget, tau
+        (tokens per round) and the share of rounds that accept a drafted token."""
+        rounds, produced, firsts = dict.fromkeys(budgets, 0), dict.fromkeys(budgets, 0), dict.fromkeys(budgets, 0)
+        for i in ids:
+            first = int(self.cache.prompt_lens[i])
+            for b, accepts in self.response_accepts(i, budgets).items():
+                got = accepts[replay_rounds(accepts, first, first + accepts.numel()) - first]
+                rounds[b] += got.numel()
+                produced[b] += int(got.sum()) + got.numel()
+                firsts[b] += int((got > 0).sum())
+        name = {1: "chain"}
+        out = {}
+        for b in budgets:
+            key = name.get(b, f"ddtree{b}")
+            out[f"replay_{key}_tau"] = round(produced[b] / max(rounds[b], 1), 3)
+            out[f"replay_{key}_first"] = round(firsts[b] / max(rounds[b], 1), 3)
+        return out
+
+    def draw_anchors(self, i: int, gen: torch.Generator) -> torch.Tensor:
+        """cfg.anchors anchor positions of sequence i: uniform over its response, or a
+        round_start_share of them drawn among the rounds greedy decoding would start there."""
+        cfg = self.cfg
+        n, plen = self.sequence_len(i), int(self.cache.prompt_lens[i])
+        if cfg.round_start_share <= 0:
+            return sample_anchors(n, plen, cfg.anchors, gen)
+        if i not in self.round_starts:
+            self.round_starts[i] = self.replayed_round_starts(i, cfg.round_start_budget)
+        starts = self.round_starts[i]
+        take = min(round(cfg.round_start_share * cfg.anchors), starts.numel())
+        picked = starts[torch.randperm(starts.numel(), generator=gen)[:take]]
+        return torch.unique(torch.cat([picked, sample_anchors(n, plen, cfg.anchors - take, gen)]))
+
     def sequence_loss(self, i: int, gen: torch.Generator):
         """Weighted loss sum and weight sum over the sampled blocks of cached sequence i."""
         cfg = self.cfg
-        n = min(int(self.cache.offsets[i + 1] - self.cache.offsets[i]), cfg.max_seq_len)
-        anchors = sample_anchors(n, int(self.cache.prompt_lens[i]), cfg.anchors, gen)
+        anchors = self.draw_anchors(i, gen)
         if anchors.numel() == 0:
             return None
         prefix = self.sample_prefix(anchors.numel(), gen) if cfg.variable_prefix else None
@@ -455,7 +560,7 @@ class Trainer:
         count = min(limit or self.cfg.eval_seqs, len(self.held_ids))
         picks = np.linspace(0, len(self.held_ids) - 1, count).round().astype(int) if count else []
         for i in [self.held_ids[k] for k in picks]:
-            n = min(int(self.cache.offsets[i + 1] - self.cache.offsets[i]), self.cfg.max_seq_len)
+            n = self.sequence_len(i)
             anchors = sample_anchors(n, int(self.cache.prompt_lens[i]), 16, gen)
             anchors = anchors[anchors + self.cfg.block_size <= n]
             if anchors.numel():
@@ -502,6 +607,7 @@ class Trainer:
                   "observed_accept_by_depth": [round(float(x), 3) for x in (observed / blocks)[:8]]}
         if not self.cfg.variable_prefix:
             result.update(self.baselines())
+            result.update(self.replayed_decoding(sorted({i for i, _ in pairs})))
         return result
 
     @torch.no_grad()
@@ -539,6 +645,9 @@ class Trainer:
                 for key, value in self.opt.state.get(p, {}).items():
                     opt_tensors[f"{names[id(p)]}::{key}"] = torch.as_tensor(value).clone().contiguous()
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        if self.round_starts:
+            save_file({str(i): v.contiguous() for i, v in self.round_starts.items()},
+                      str(tmp / "round_starts.safetensors"))
         meta = {"step": self.step, "minutes": self.minutes, "history": self.history, "config": asdict(self.cfg),
                 "drafter": self.drafter.config.to_json()}
         (tmp / "state.json").write_text(json.dumps(meta, indent=2))
@@ -567,6 +676,8 @@ class Trainer:
         for key, value in opt_tensors.items():
             name, field = key.split("::")
             self.opt.state[params[name]][field] = value
+        if (ckpt / "round_starts.safetensors").exists():
+            self.round_starts = {int(i): v for i, v in load_file(str(ckpt / "round_starts.safetensors")).items()}
         self.step, self.minutes = int(meta["step"]), float(meta.get("minutes", 0.0))
         self.history = list(meta.get("history", []))
         self.log(f"resumed from {ckpt} at step {self.step}")
