@@ -281,6 +281,9 @@ def test_a_shard_selection_picks_the_cache_data_and_the_cache_remembers_it(tiny_
     assert len(cache) == len(second) < len(load_shards(paths.data))
     assert all(np.array_equal(cache.token_ids(i).numpy(), t) for i, t in enumerate(second))
     assert len(run_features_stage(tiny_chat_engine, paths, (1, 3))) == len(second)
+    # a drafter that reads a layer the cache lacks is told which, and how to get a cache that has it
+    with pytest.raises(QuanttreeError, match=r"layers \[5\] are not cached.*--init-from"):
+        run_features_stage(tiny_chat_engine, paths, (1, 3, 5))
 
 
 def test_a_bf16_target_without_native_bf16_computes_features_in_fp32_and_is_left_as_it_was(tmp_path, tokenizer,

@@ -187,7 +187,14 @@ def run_features_stage(engine, paths: TrainPaths, layers: tuple[int, ...], top_k
         cache = open_cache(where)
         if len(cache) == len(cache.pool_index) == (len(sequences) or len(cache)) and set(layers) <= set(cache.layers):
             return cache
-        layers = tuple(cache.layers) if set(layers) <= set(cache.layers) else tuple(layers)
+        missing = sorted(set(layers) - set(cache.layers))
+        if missing:
+            raise QuanttreeError(
+                f"{where} caches target layers {list(cache.layers)}, but the drafter trained here reads "
+                f"{sorted(layers)} (layers {missing} are not cached). Every stage takes the drafter's layers from "
+                f"--init-from or --feature-layers (else the default spread): give the features stage the same "
+                f"options as the train stage, or delete {where} to rebuild it")
+        layers = tuple(cache.layers)
     if not sequences:
         raise QuanttreeError(f"no training data in {paths.data}: run `quanttree train-drafter --stage data` first")
     identity = {"target": engine.loaded.source, "quant": engine.quant}
