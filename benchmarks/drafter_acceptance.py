@@ -31,16 +31,53 @@ from common import chat_prompts, humaneval_prompts, write_results  # noqa: E402
 import quanttree  # noqa: E402
 
 
+def ratio_residuals(num: list[float], den: list[float]) -> list[float]:
+    """Each prompt's share of the error of sum(num) / sum(den) (the linearised ratio estimator)."""
+    total = sum(den)
+    ratio = sum(num) / total
+    return [(a - ratio * b) / total for a, b in zip(num, den)]
+
+
+def ratio_se(num: list[float], den: list[float], num2=None, den2=None) -> float:
+    """Standard error of sum(num) / sum(den), or of its difference from sum(num2) / sum(den2)
+    measured on the same prompts (paired), with the prompts as the independent units: rounds
+    within one prompt are not independent."""
+    n = len(num)
+    if n < 2 or sum(den) <= 0 or (den2 is not None and sum(den2) <= 0):
+        return float("nan")
+    e = ratio_residuals(num, den)
+    if num2 is not None:
+        e = [a - b for a, b in zip(e, ratio_residuals(num2, den2))]
+    return (n / (n - 1) * sum(x * x for x in e)) ** 0.5
+
+
 def measure(engine, prompts: list[str], method: str, budget: int, max_new_tokens: int) -> dict:
-    rounds = first = tokens = nodes = 0
+    rounds, tokens, first, nodes = [], [], [], []
     for prompt in prompts:
         stats = engine.generate(prompt, method=method, budget=budget, max_new_tokens=max_new_tokens).stats
-        rounds += stats.rounds
-        tokens += stats.new_tokens - 1
-        nodes += stats.tree_nodes
-        first += stats.accepted_at_depth[0] if stats.accepted_at_depth else 0
-    return {"rounds": rounds, "tau": tokens / max(rounds, 1), "first_accept": first / max(rounds, 1),
-            "nodes_per_round": nodes / max(rounds, 1)}
+        rounds.append(stats.rounds)
+        tokens.append(stats.new_tokens - 1)
+        nodes.append(stats.tree_nodes)
+        first.append(stats.accepted_at_depth[0] if stats.accepted_at_depth else 0)
+    total = max(sum(rounds), 1)
+    return {"rounds": sum(rounds), "tau": sum(tokens) / total, "tau_se": ratio_se(tokens, rounds),
+            "first_accept": sum(first) / total, "first_accept_se": ratio_se(first, rounds),
+            "nodes_per_round": sum(nodes) / total, "tokens_per_prompt": tokens, "rounds_per_prompt": rounds}
+
+
+def paired_lines(drafters: list[str], suites, by: dict) -> list[str]:
+    """Each later drafter's tau minus the first's on the same prompts, with the paired standard error."""
+    out = []
+    for drafter in drafters[1:]:
+        for suite in suites:
+            cells = []
+            for method in ("dflash", "ddtree"):
+                a, b = by[drafter, suite, method], by[drafters[0], suite, method]
+                se = ratio_se(a["tokens_per_prompt"], a["rounds_per_prompt"],
+                              b["tokens_per_prompt"], b["rounds_per_prompt"])
+                cells.append(f"{a['tau'] - b['tau']:+.3f} ± {se:.3f}")
+            out.append(f"| {Path(drafter).name} - {Path(drafters[0]).name} | {suite} | | {cells[0]} | {cells[1]} |")
+    return out
 
 
 def target_responses(engine, prompts: list[str], max_new_tokens: int) -> list[tuple[np.ndarray, int, int]]:
@@ -73,6 +110,8 @@ def main() -> None:
     ap.add_argument("--drafters", required=True, help="comma-separated drafter dirs")
     ap.add_argument("--quant", default="bf16")
     ap.add_argument("--prompts", type=int, default=16, help="per suite")
+    ap.add_argument("--offset", type=int, default=0,
+                    help="skip each suite's first OFFSET prompts (more unseen prompts, for a smaller standard error)")
     ap.add_argument("--budget", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--name", default="drafter_acceptance")
@@ -81,12 +120,16 @@ def main() -> None:
                     help="comma-separated: chat, humaneval (one suite alone where the target is slow, e.g. "
                          "bf16 on a CPU without native bf16)")
     args = ap.parse_args()
-    loaders = {"chat": chat_prompts, "humaneval": humaneval_prompts}
+    loaders = {"chat": lambda n: chat_prompts(args.offset + n)[args.offset:],
+               "humaneval": lambda n: humaneval_prompts(n, args.offset)}
     names = [s.strip() for s in args.suites.split(",") if s.strip()]
     unknown = [s for s in names if s not in loaders]
     if unknown or not names:
         ap.error(f"--suites {args.suites!r}: choose from {', '.join(loaders)}")
     suites = {s: loaders[s](args.prompts) for s in names}
+    empty = [s for s, p in suites.items() if not p]
+    if empty:
+        ap.error(f"--offset {args.offset}: no {', '.join(empty)} prompts left past it")
     rows, forced = [], {}
     work = Path(tempfile.mkdtemp(prefix="drafter-acceptance-"))
     responses = None
@@ -103,8 +146,8 @@ def main() -> None:
                              **forced[drafter, suite]})
                 print(rows[-1], flush=True)
     d2sd = f" D2SD@{args.budget} tau | D2SD nodes per round |" if args.d2sd else ""
-    lines = ["| drafter | suite | first-token acceptance (chain) | chain tau | "
-             f"DDTree@{args.budget} tau | DDTree first-token acceptance |{d2sd} teacher-forced slot 1 | "
+    lines = ["| drafter | suite | first-token acceptance (chain) | chain tau (± SE) | "
+             f"DDTree@{args.budget} tau (± SE) | DDTree first-token acceptance |{d2sd} teacher-forced slot 1 | "
              "teacher-forced chain tau |", "|---|---|---|---|---|---|---|---|" + "---|---|" * args.d2sd]
     by = {(r["drafter"], r["suite"], r["method"]): r for r in rows}
     for drafter in args.drafters.split(","):
@@ -112,12 +155,14 @@ def main() -> None:
             chain, tree, tf = by[drafter, suite, "dflash"], by[drafter, suite, "ddtree"], forced[drafter, suite]
             branches = by.get((drafter, suite, "d2sd"))
             d2sd = f" {branches['tau']:.2f} | {branches['nodes_per_round']:.1f} |" if branches else ""
-            lines.append(f"| {Path(drafter).name} | {suite} | {chain['first_accept']:.3f} | {chain['tau']:.2f} | "
-                         f"{tree['tau']:.2f} | {tree['first_accept']:.3f} |{d2sd} {tf['tf_slot1']:.3f} | "
-                         f"{tf['tf_chain_tau']:.2f} |")
+            lines.append(f"| {Path(drafter).name} | {suite} | {chain['first_accept']:.3f} | "
+                         f"{chain['tau']:.2f} ± {chain['tau_se']:.2f} | {tree['tau']:.2f} ± {tree['tau_se']:.2f} | "
+                         f"{tree['first_accept']:.3f} |{d2sd} {tf['tf_slot1']:.3f} | {tf['tf_chain_tau']:.2f} |")
+    lines += paired_lines(args.drafters.split(","), suites, by)
     command = "python benchmarks/drafter_acceptance.py " + " ".join(sys.argv[1:])
-    note = (f"\n\n{args.prompts} prompts per suite (never used for training), {args.quant} target, greedy, "
-            f"{args.max_new_tokens} new tokens; acceptance counted per drafted round.\n")
+    note = (f"\n\n{args.prompts} prompts per suite (never used for training; from prompt {args.offset}), {args.quant} "
+            f"target, greedy, {args.max_new_tokens} new tokens; acceptance counted per drafted round; SE: standard "
+            "error with the prompts as independent units.\n")
     print(write_results(args.name, command, "\n".join(lines) + note, rows))
 
 
