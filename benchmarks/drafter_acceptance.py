@@ -26,29 +26,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import chat_prompts, humaneval_prompts, write_results  # noqa: E402
+from common import chat_prompts, humaneval_prompts, ratio_se, write_results  # noqa: E402
 
 import quanttree  # noqa: E402
-
-
-def ratio_residuals(num: list[float], den: list[float]) -> list[float]:
-    """Each prompt's share of the error of sum(num) / sum(den) (the linearised ratio estimator)."""
-    total = sum(den)
-    ratio = sum(num) / total
-    return [(a - ratio * b) / total for a, b in zip(num, den)]
-
-
-def ratio_se(num: list[float], den: list[float], num2=None, den2=None) -> float:
-    """Standard error of sum(num) / sum(den), or of its difference from sum(num2) / sum(den2)
-    measured on the same prompts (paired), with the prompts as the independent units: rounds
-    within one prompt are not independent."""
-    n = len(num)
-    if n < 2 or sum(den) <= 0 or (den2 is not None and sum(den2) <= 0):
-        return float("nan")
-    e = ratio_residuals(num, den)
-    if num2 is not None:
-        e = [a - b for a, b in zip(e, ratio_residuals(num2, den2))]
-    return (n / (n - 1) * sum(x * x for x in e)) ** 0.5
 
 
 def measure(engine, prompts: list[str], method: str, budget: int, max_new_tokens: int) -> dict:
