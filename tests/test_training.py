@@ -442,3 +442,25 @@ def test_scored_text_is_training_only_data_for_distillation(tiny_chat_engine, tm
     answers_only = Trainer(tiny_chat_engine.target, cache, TrainConfig(**{**cfg.__dict__, "scored_text": False}),
                            tmp_path / "answers-only", log=lambda *_: None)  # hard labels fine again
     assert sorted(answers_only.train_ids) == sorted(i for i in trainer.train_ids if cache.pool_index[i] >= 0)
+
+
+def test_completion_requests_ask_for_public_documented_functions_without_benchmark_text(tmp_path):
+    from quanttree.train.code_text import COMPLETIONS, TextSource, completion_requests
+
+    body = "\n".join(f"    total = total + {k}" for k in range(8))
+    doc = '    """Add the numbers 0 to 7 to n, step by step."""\n'
+    root = tmp_path / "lib"
+    root.mkdir()
+    (root / "mod.py").write_text(
+        f"def running(n):\n{doc}    total = n\n{body}\n    return total\n\n\n"
+        f"def _private(n):\n{doc}    total = n\n{body}\n    return total\n\n\n"
+        f"class Box:\n    def method(self, n):\n    {doc}        total = n\n{body.replace('    ', '        ')}\n"
+        "        return total\n\n\n"
+        f"def has_close_elements(numbers):\n{doc}    total = 0\n{body}\n    return False\n\n\n"
+        f'def long_doc(n):\n    """{"A very long docstring. " * 60}"""\n    total = n\n{body}\n    return total\n')
+    requests = completion_requests((TextSource("stdlib", "0", root),))
+    assert len(requests) == 1  # private, method, HumanEval's name and an over-long stub are left out
+    stub = f"def running(n):\n{doc.rstrip()}"
+    assert requests[0] in {c.format(stub=stub) for c in COMPLETIONS}
+    assert completion_requests((TextSource("stdlib", "0", root),)) == requests  # deterministic
+    assert completion_requests((TextSource("pkg", "0", root, group=1),)) == ()  # later groups: scored text only

@@ -19,7 +19,9 @@ ones already written (and their cached features) as they are.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
+import re
 import sysconfig
 import textwrap
 from pathlib import Path
@@ -29,6 +31,7 @@ from ..errors import QuanttreeError
 
 TEXT_CHUNK = 128  # sequences per shard
 MIN_CHARS, MAX_CHARS = 100, 2400  # a function's source, docstring included
+MAX_STUB_CHARS = 1200  # a completion request's stub: well inside the data stage's prompt limit
 SKIP_DIRS = {"test", "tests", "testing", "idlelib", "tkinter", "turtledemo", "lib2to3", "site-packages",
              "ensurepip", "pydoc_data", "__pycache__", "_vendor", "vendored", "externals", "benchmarks"}
 # after the standard library, in this order, one block per group (a group added later appends
@@ -38,6 +41,14 @@ PACKAGES = (
     ("numpy", "sympy", "networkx", "mpmath", "pandas", "matplotlib"),
     # session 24: the libraries quanttree runs on, and what they bring
     ("torch", "transformers", "accelerate", "PIL", "fontTools", "jinja2", "pyparsing", "dateutil", "huggingface_hub"),
+)
+# The same stubs as requests the target answers itself (the data stage's completion section): what
+# users paste when they ask for a function, answered the way the target answers it (its own text,
+# not the library's source).
+COMPLETIONS = (
+    "Complete this Python function.\n```python\n{stub}\n```",
+    "Finish this function so that it does what its docstring says.\n```python\n{stub}\n```",
+    "Fill in the body of this Python function, then explain briefly how it works.\n```python\n{stub}\n```",
 )
 REQUESTS = (
     "Implement this function from Python's `{module}` module.\n```python\n{stub}\n```",
@@ -122,6 +133,27 @@ def text_conversations(found: list[tuple[str, str, str]]) -> list[tuple[str, str
         pick = int(hashlib.sha1(source.encode()).hexdigest(), 16) % len(REQUESTS)
         pairs.append((REQUESTS[pick].format(module=module, stub=stub), f"```python\n{source}\n```"))
     return pairs
+
+
+@functools.lru_cache(maxsize=4)  # reading the sources takes ~20 s; every data stage builds the pool
+def completion_requests(sources: tuple[TextSource, ...]) -> tuple[str, ...]:
+    """Requests to complete a documented public function (not a method) of the standard library or
+    of the first group of PACKAGES from its stub (its `def` line(s) and docstring), one phrasing of
+    COMPLETIONS each, in one fixed shuffle, benchmark text filtered out: prompts for the target to
+    answer itself."""
+    from .self_prompts import benchmark_text
+
+    _, markers = benchmark_text()
+    found = [f for s in sources if s.group <= 0
+             for f in documented_sources(s.root, "" if s.group < 0 else s.name)]
+    found.sort(key=lambda f: hashlib.sha1(f[1].encode()).hexdigest())
+    requests = []
+    for _, stub, source in found:
+        public = re.match(r"(async )?def [A-Za-z]\w*\((?!self\b|cls\b)", stub)  # a function, not a method
+        if public and len(stub) <= MAX_STUB_CHARS and not any(m in source for m in markers):
+            pick = int(hashlib.sha1(stub.encode()).hexdigest(), 16) % len(COMPLETIONS)
+            requests.append(COMPLETIONS[pick].format(stub=stub))
+    return tuple(requests)
 
 
 def text_blocks(sources: list[TextSource]) -> list[list[tuple[str, str]]]:

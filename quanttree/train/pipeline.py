@@ -103,6 +103,7 @@ def unpack_committed_data(engine, paths: TrainPaths) -> None:
 def run_data_stage(engine, paths: TrainPaths, token_goal: int, gen_cfg=None, seed: int = 0) -> int:
     """Generate target responses for the prompt pool until token_goal response tokens exist
     (after unpacking the committed copy, if there is one)."""
+    from .code_text import completion_requests, text_sources
     from .datagen import GenConfig, generate_dataset
     from .prompts import build_pool, with_self_written
 
@@ -115,6 +116,11 @@ def run_data_stage(engine, paths: TrainPaths, token_goal: int, gen_cfg=None, see
     if len(pool) > len(built_in):
         log(f"data: pool indices {len(built_in)}:{len(pool)} hold the target's self-written prompts "
             "(--prompt-range START:END to generate for them alone)")
+    written = len(pool)
+    pool = with_self_written(pool, list(completion_requests(tuple(text_sources()))))
+    first = -(-written // GenConfig.chunk) * GenConfig.chunk  # its first shard of its own
+    log(f"data: pool indices {written}:{len(pool)} hold requests to complete documented Python "
+        f"functions (--prompt-range {first}:{len(pool)}: the shards they do not share with earlier prompts)")
     meta = paths.work / "data.json"
     if not meta.exists():
         meta.write_text(json.dumps({"target": engine.loaded.source, "quant": engine.quant, "pool": len(pool),

@@ -163,8 +163,9 @@ def build_pool(seed: int = 0) -> list[str]:
 
 
 def with_self_written(pool: list[str], extra: list[str]) -> list[str]:
-    """The pool, then the target's self-written prompts (self_prompts.py) that it does not hold
-    yet: after it, so the indices of the built-in prompts never move."""
+    """The pool, then extra prompts it does not hold yet (the target's self-written ones,
+    self_prompts.py; then code_text.completion_requests): after it, so the indices of the
+    prompts before never move."""
     known = set(pool)
     return pool + [p for p in extra if p not in known]
 
