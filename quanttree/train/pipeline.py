@@ -118,7 +118,8 @@ def run_data_stage(engine, paths: TrainPaths, token_goal: int, gen_cfg=None, see
             "(--prompt-range START:END to generate for them alone)")
     written = len(pool)
     pool = with_self_written(pool, list(completion_requests(tuple(text_sources()))))
-    first = -(-written // GenConfig.chunk) * GenConfig.chunk  # its first shard of its own
+    chunk = (gen_cfg or GenConfig()).chunk
+    first = -(-written // chunk) * chunk  # its first shard of its own
     log(f"data: pool indices {written}:{len(pool)} hold requests to complete documented Python "
         f"functions (--prompt-range {first}:{len(pool)}: the shards they do not share with earlier prompts)")
     meta = paths.work / "data.json"
