@@ -444,7 +444,7 @@ def test_scored_text_is_training_only_data_for_distillation(tiny_chat_engine, tm
     assert sorted(answers_only.train_ids) == sorted(i for i in trainer.train_ids if cache.pool_index[i] >= 0)
 
 
-def test_completion_requests_ask_for_public_documented_functions_without_benchmark_text(tmp_path):
+def test_completion_requests_ask_for_documented_functions_section_by_section_without_benchmark_text(tmp_path):
     from quanttree.train.code_text import COMPLETIONS, TextSource, completion_requests
 
     body = "\n".join(f"    total = total + {k}" for k in range(8))
@@ -457,10 +457,15 @@ def test_completion_requests_ask_for_public_documented_functions_without_benchma
         f"class Box:\n    def method(self, n):\n    {doc}        total = n\n{body.replace('    ', '        ')}\n"
         "        return total\n\n\n"
         f"def has_close_elements(numbers):\n{doc}    total = 0\n{body}\n    return False\n\n\n"
+        f"def _has_close_elements(numbers):\n{doc}    total = 0\n{body}\n    return False\n\n\n"
         f'def long_doc(n):\n    """{"A very long docstring. " * 60}"""\n    total = n\n{body}\n    return total\n')
-    requests = completion_requests((TextSource("stdlib", "0", root),))
-    assert len(requests) == 1  # private, method, HumanEval's name and an over-long stub are left out
-    stub = f"def running(n):\n{doc.rstrip()}"
-    assert requests[0] in {c.format(stub=stub) for c in COMPLETIONS}
-    assert completion_requests((TextSource("stdlib", "0", root),)) == requests  # deterministic
-    assert completion_requests((TextSource("pkg", "0", root, group=1),)) == ()  # later groups: scored text only
+    (root / "copy.py").write_text(f"def running(n):\n{doc}    total = n\n{body}\n    return total\n\n\n"
+                                  f"def _private(n):\n{doc}    total = n\n{body}\n    return total\n")
+    public, private = completion_requests((TextSource("stdlib", "0", root),))
+    # a method, HumanEval's name and an over-long stub are left out; the first section keeps its
+    # repeats (as session 30's pool holds them), a later one drops them
+    assert public[0] == public[1] and len(public) == 2 and len(private) == 1
+    assert public[0] in {c.format(stub=f"def running(n):\n{doc.rstrip()}") for c in COMPLETIONS}
+    assert private[0] in {c.format(stub=f"def _private(n):\n{doc.rstrip()}") for c in COMPLETIONS}
+    assert completion_requests((TextSource("stdlib", "0", root),)) == (public, private)  # deterministic
+    assert completion_requests((TextSource("pkg", "0", root, group=1),)) == ((), ())  # later groups: scored text only

@@ -135,25 +135,44 @@ def text_conversations(found: list[tuple[str, str, str]]) -> list[tuple[str, str
     return pairs
 
 
-@functools.lru_cache(maxsize=4)  # reading the sources takes ~20 s; every data stage builds the pool
-def completion_requests(sources: tuple[TextSource, ...]) -> tuple[str, ...]:
-    """Requests to complete a documented public function (not a method) of the standard library or
-    of the first group of PACKAGES from its stub (its `def` line(s) and docstring), one phrasing of
-    COMPLETIONS each, in one fixed shuffle, benchmark text filtered out: prompts for the target to
-    answer itself."""
+FUNCTION_STUB = re.compile(r"(async )?def (?P<name>\w+)\((?!self\b|cls\b)")  # a function, not a method
+PUBLIC, PRIVATE = re.compile(r"[A-Za-z]"), re.compile(r"_+[A-Za-z]")
+
+
+def _requests(found: list[tuple[str, str, str]], names: re.Pattern) -> list[str]:
+    """One phrasing of COMPLETIONS per function (not method) whose name `names` matches, over-long
+    stubs and benchmark text left out, in one fixed shuffle."""
     from .self_prompts import benchmark_text
 
     _, markers = benchmark_text()
-    found = [f for s in sources if s.group <= 0
-             for f in documented_sources(s.root, "" if s.group < 0 else s.name)]
-    found.sort(key=lambda f: hashlib.sha1(f[1].encode()).hexdigest())
+    found = sorted(found, key=lambda f: hashlib.sha1(f[1].encode()).hexdigest())
     requests = []
     for _, stub, source in found:
-        public = re.match(r"(async )?def [A-Za-z]\w*\((?!self\b|cls\b)", stub)  # a function, not a method
-        if public and len(stub) <= MAX_STUB_CHARS and not any(m in source for m in markers):
+        match = FUNCTION_STUB.match(stub)
+        if match and names.match(match["name"]) and len(stub) <= MAX_STUB_CHARS \
+                and not any(m in source for m in markers):
             pick = int(hashlib.sha1(stub.encode()).hexdigest(), 16) % len(COMPLETIONS)
             requests.append(COMPLETIONS[pick].format(stub=stub))
-    return tuple(requests)
+    return requests
+
+
+@functools.lru_cache(maxsize=4)  # reading the sources takes ~1 minute; every data stage builds the pool
+def completion_requests(sources: tuple[TextSource, ...]) -> tuple[tuple[str, ...], ...]:
+    """Requests to complete a documented function from its stub (its `def` line(s) and docstring),
+    prompts for the target to answer itself, in sections the pool appends in this order: the
+    public functions (not methods) of the standard library and of the first group of PACKAGES
+    (session 30), then the private functions of those (session 32). Each section is one fixed
+    shuffle; benchmark text is left out, and so are a later section's repeats of a request
+    (packages copy functions between modules)."""
+    found = [f for s in sources if s.group <= 0
+             for f in documented_sources(s.root, "" if s.group < 0 else s.name)]
+    first = _requests(found, PUBLIC)  # as session 30 built it, repeats included
+    seen, private = set(first), []
+    for request in _requests(found, PRIVATE):
+        if request not in seen:
+            seen.add(request)
+            private.append(request)
+    return tuple(first), tuple(private)
 
 
 def text_blocks(sources: list[TextSource]) -> list[list[tuple[str, str]]]:

@@ -116,12 +116,13 @@ def run_data_stage(engine, paths: TrainPaths, token_goal: int, gen_cfg=None, see
     if len(pool) > len(built_in):
         log(f"data: pool indices {len(built_in)}:{len(pool)} hold the target's self-written prompts "
             "(--prompt-range START:END to generate for them alone)")
-    written = len(pool)
-    pool = with_self_written(pool, list(completion_requests(tuple(text_sources()))))
     chunk = (gen_cfg or GenConfig()).chunk
-    first = -(-written // chunk) * chunk  # its first shard of its own
-    log(f"data: pool indices {written}:{len(pool)} hold requests to complete documented Python "
-        f"functions (--prompt-range {first}:{len(pool)}: the shards they do not share with earlier prompts)")
+    for kind, section in zip(("public", "private"), completion_requests(tuple(text_sources())), strict=True):
+        written = len(pool)
+        pool = with_self_written(pool, list(section))
+        first = -(-written // chunk) * chunk  # its first shard of its own
+        log(f"data: pool indices {written}:{len(pool)} hold requests to complete documented {kind} Python "
+            f"functions (--prompt-range {first}:{len(pool)}: the shards they do not share with earlier prompts)")
     meta = paths.work / "data.json"
     if not meta.exists():
         meta.write_text(json.dumps({"target": engine.loaded.source, "quant": engine.quant, "pool": len(pool),
