@@ -164,8 +164,8 @@ def build_pool(seed: int = 0) -> list[str]:
 
 def with_self_written(pool: list[str], extra: list[str]) -> list[str]:
     """The pool, then extra prompts it does not hold yet (the target's self-written ones,
-    self_prompts.py; then code_text.completion_requests): after it, so the indices of the
-    prompts before never move."""
+    self_prompts.py; then each section of code_text.completion_requests): after it, so the
+    indices of the prompts before never move."""
     known = set(pool)
     return pool + [p for p in extra if p not in known]
 
