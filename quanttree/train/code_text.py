@@ -166,13 +166,9 @@ def completion_requests(sources: tuple[TextSource, ...]) -> tuple[tuple[str, ...
     (packages copy functions between modules)."""
     found = [f for s in sources if s.group <= 0
              for f in documented_sources(s.root, "" if s.group < 0 else s.name)]
-    first = _requests(found, PUBLIC)  # as session 30 built it, repeats included
-    seen, private = set(first), []
-    for request in _requests(found, PRIVATE):
-        if request not in seen:
-            seen.add(request)
-            private.append(request)
-    return tuple(first), tuple(private)
+    first = tuple(_requests(found, PUBLIC))  # as session 30 built it, repeats included
+    earlier = set(first)
+    return first, tuple(r for r in dict.fromkeys(_requests(found, PRIVATE)) if r not in earlier)
 
 
 def text_blocks(sources: list[TextSource]) -> list[list[tuple[str, str]]]:
